@@ -1,0 +1,91 @@
+"""The ladder from the command line.
+
+  python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets] [--json]
+
+`steps` prints every step's parameters and multiply-accumulates (GMACs, the paper's "FLOPs") at
+224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flax import nnx
+
+from experiments.cli import UsageError, guarded
+from modernize import ladder as ladders
+from modernize import presets
+from modernize.flops import count_macs
+from modernize.network import Network, count_params
+
+
+def profile(cfg, image_size: int = 224) -> dict:
+  """Parameters and GMACs of a network config, without allocating its weights."""
+  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0)))
+  return {'params': count_params(model), 'gmacs': count_macs(cfg, image_size) / 1e9}
+
+
+def step_rows(ladder_name: str = 'resnet50') -> list[dict]:
+  ladder = ladders.get_ladder(ladder_name)
+  rows = []
+  for index, step in enumerate(ladder.steps):
+    row = {'ladder': ladder.name, 'index': index, 'step': step.name, 'label': step.label,
+           'group': step.group, 'adopted': step.adopted, 'recipe': ladder.recipe(step.name),
+           'description': step.description}
+    row.update(profile(ladder.net_config(step.name)))
+    row.update({'paper_gflops': step.paper_gflops, 'paper_top1': step.paper_top1,
+                'paper_top1_std': step.paper_top1_std,
+                'flops_reference': step.flops_reference or step.paper_gflops, 'note': step.note})
+    rows.append(row)
+  return rows
+
+
+def preset_rows() -> list[dict]:
+  return [{'step': name, **profile(fn())} for name, fn in presets.PRESETS.items()]
+
+
+def format_steps(rows: list[dict]) -> str:
+  lines = [f'{"#":>2}  {"step":<22} {"params":>12} {"GMACs":>7} {"paper GFLOPs":>12} '
+           f'{"vs paper":>8} {"paper top-1":>12}  change']
+  for r in rows:
+    top1 = '' if r['paper_top1'] is None else f'{r["paper_top1"]:.2f}'
+    if r.get('paper_top1_std') is not None:
+      top1 += f'±{r["paper_top1_std"]:.2f}'
+    delta = 100 * (r['gmacs'] / r['flops_reference'] - 1)
+    paper = f'{r["paper_gflops"]:.2f}' + ('*' if r['note'] else '')
+    side = '' if r['adopted'] else ' [side branch]'
+    lines.append(f'{r["index"]:>2}  {r["step"]:<22} {r["params"]:>12,d} {r["gmacs"]:>7.3f} '
+                 f'{paper:>12} {delta:>+7.1f}% {top1:>12}  {r["description"]}{side}')
+  notes = {r['note'] for r in rows if r['note']}
+  lines += [f'* {note}' for note in sorted(notes)]
+  return '\n'.join(lines)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m experiments.ladder', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  steps = sub.add_parser('steps', help='params and GMACs of every step beside the paper')
+  steps.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
+  steps.add_argument('--presets', action='store_true', help='profile the presets instead')
+  steps.add_argument('--json', action='store_true', help='print a JSON list')
+  args = parser.parse_args(argv)
+
+  if args.command == 'steps':
+    rows = preset_rows() if args.presets else step_rows(args.ladder)
+    if args.json:
+      print(json.dumps(rows, indent=1))
+    elif args.presets:
+      for r in rows:
+        print(f'{r["step"]:<16} {r["params"]:>12,d} params {r["gmacs"]:>8.3f} GMACs')
+    else:
+      print(format_steps(rows))
+    return 0
+  raise UsageError(f'unknown command {args.command!r}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,31 @@
+"""modernize: the ConvNeXt paper's ResNet -> ConvNeXt ladder as one configurable Flax NNX network.
+
+Public API:
+  NetConfig, ConfigError          one named flag per ladder change (`modernize.config`)
+  Network, count_params           the configurable network (`modernize.network`)
+  LadderBlock, resnet_bottleneck, convnext_block, Stem, Downsample, Head   (`modernize.blocks`)
+  LayerNorm, BatchNorm, DropPath, LayerScale                               (`modernize.layers`)
+  DepthwiseConv, depthwise_conv2d  a depthwise conv that is fast on CPU too (`modernize.depthwise`)
+  LADDER, LADDER_200, Ladder, Step, get_ladder   the ladders (`modernize.ladder`)
+  preset, PRESETS                  ResNet-50/200, ConvNeXt T/S/B/L/XL (`modernize.presets`)
+  count_macs                       multiply-accumulates the paper's way (`modernize.flops`)
+  from_torch_state_dict            PyTorch (timm / torchvision / official) weights (`modernize.convert`)
+"""
+
+from modernize.blocks import Downsample, Head, LadderBlock, Stem, convnext_block, resnet_bottleneck
+from modernize.config import ConfigError, NetConfig
+from modernize.depthwise import DepthwiseConv, depthwise_conv2d
+from modernize.flops import count_macs
+from modernize.ladder import LADDER, LADDER_200, Ladder, Step, get_ladder
+from modernize.layers import BatchNorm, DropPath, LayerNorm, LayerScale
+from modernize.network import Network, count_params
+from modernize.presets import PRESETS, preset
+
+
+def from_torch_state_dict(state_dict, arch: str):
+  """Builds the model `arch` from a PyTorch state dict; see `modernize.convert`."""
+  from modernize.convert import from_torch_state_dict as convert  # torch-free import of the package
+  return convert(state_dict, arch)
+
+
+__version__ = '0.1.0'

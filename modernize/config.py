@@ -1,0 +1,141 @@
+"""The network's configuration: one named flag per change of the ResNet -> ConvNeXt ladder.
+
+`NetConfig()` with no arguments is torchvision's ResNet-50 (v1.5). Every step of the paper's
+ladder flips one flag (see `modernize.ladder`), and the final step is ConvNeXt-T. Any combination
+that makes sense builds; one that does not raises `ConfigError` naming the flag at construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot build a network; the message names the flag."""
+
+
+_CHOICES = {
+    'stem': ('resnet', 'patchify'),
+    'depthwise_position': ('middle', 'top'),
+    'activation': ('relu', 'gelu'),
+    'activations': ('all', 'one'),
+    'norms': ('all', 'one'),
+    'norm': ('batch', 'layer'),
+    'downsampling': ('in_block', 'separate'),
+    'init': ('kaiming', 'trunc_normal'),
+    'depthwise_impl': ('auto', 'xla', 'shift', 'native'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+  """Architecture flags. Defaults give torchvision's ResNet-50.
+
+  Attributes:
+    depths: residual blocks per stage; (3, 4, 6, 3) is ResNet-50, (3, 3, 9, 3) the "stage ratio" step.
+    width: base width; stage i is `width * 2**i` channels wide (ResNet: the bottleneck's inner width;
+      inverted bottleneck: the residual stream's width). 64 is ResNet-50, 96 is ConvNeXt-T.
+    stem: 'resnet' (7x7 stride-2 conv, norm, activation, 3x3 stride-2 max-pool) or 'patchify'
+      (4x4 stride-4 conv followed by a norm).
+    groups: groups of the spatial conv (ResNeXt); ignored when `depthwise`.
+    depthwise: the spatial conv is depthwise (groups = channels).
+    expansion: channel ratio between a block's wide and narrow layers (4 in ResNet and ConvNeXt).
+    inverted_bottleneck: narrow -> wide -> narrow (Fig. 3b) instead of wide -> narrow -> wide.
+    depthwise_position: 'middle' (between the 1x1 convs) or 'top' (first layer of the block, Fig. 3c).
+    kernel_size: spatial conv kernel (odd).
+    activation: 'relu' or 'gelu' (exact erf GELU, as PyTorch's nn.GELU()).
+    activations: 'all' (after the block's first two layers and after the residual add, as ResNet)
+      or 'one' (a single activation after the block's middle layer, i.e. between the 1x1 convs).
+    norms: 'all' (a norm after each of the block's three layers) or 'one' (after the first only).
+    norm: 'batch' (BatchNorm) or 'layer' (channels-last LayerNorm, eps 1e-6).
+    downsampling: 'in_block' (stride 2 in the spatial conv of each stage's first block plus a 1x1
+      stride-2 projection shortcut, as ResNet) or 'separate' (a norm and a 2x2 stride-2 conv between
+      stages, plus a norm after global pooling, as ConvNeXt).
+    layer_scale_init: initial value of LayerScale's per-channel gain (0 disables LayerScale).
+    drop_path_rate: stochastic depth rate of the last block; rates grow linearly from 0 over blocks.
+    init: 'kaiming' (torchvision's ResNet: fan-out normal convs, PyTorch-default linear) or
+      'trunc_normal' (N(0, 0.02) for every conv and linear, zero biases: ConvNeXt and Table 5).
+    num_classes: classifier outputs.
+    in_channels: image channels.
+    depthwise_impl: implementation of the depthwise conv ('auto' picks a fast one per backend);
+      changes speed, not results.
+  """
+  depths: tuple[int, ...] = (3, 4, 6, 3)
+  width: int = 64
+  stem: str = 'resnet'
+  groups: int = 1
+  depthwise: bool = False
+  expansion: int = 4
+  inverted_bottleneck: bool = False
+  depthwise_position: str = 'middle'
+  kernel_size: int = 3
+  activation: str = 'relu'
+  activations: str = 'all'
+  norms: str = 'all'
+  norm: str = 'batch'
+  downsampling: str = 'in_block'
+  layer_scale_init: float = 0.0
+  drop_path_rate: float = 0.0
+  init: str = 'kaiming'
+  num_classes: int = 1000
+  in_channels: int = 3
+  depthwise_impl: str = 'auto'
+
+  def __post_init__(self):
+    object.__setattr__(self, 'depths', tuple(self.depths))
+    self._validate()
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> 'NetConfig':
+    """Builds a config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ConfigError(f'unknown network flag(s) {unknown}; known flags: {sorted(names)}')
+    return cls(**dict(values))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes) -> 'NetConfig':
+    return self.from_dict({**self.to_dict(), **changes})
+
+  def stage_widths(self) -> tuple[int, ...]:
+    """Channels of the residual stream in each stage."""
+    scale = 1 if self.inverted_bottleneck else self.expansion
+    return tuple(self.width * 2**i * scale for i in range(len(self.depths)))
+
+  def _validate(self):
+    def fail(flag, message):
+      raise ConfigError(f'{flag}={getattr(self, flag)!r}: {message}')
+
+    for flag, choices in _CHOICES.items():
+      if getattr(self, flag) not in choices:
+        fail(flag, f'must be one of {list(choices)}')
+    for flag in ('width', 'groups', 'expansion', 'kernel_size', 'num_classes', 'in_channels'):
+      value = getattr(self, flag)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail(flag, 'must be a positive integer')
+    for flag in ('depthwise', 'inverted_bottleneck'):
+      if not isinstance(getattr(self, flag), bool):
+        fail(flag, 'must be True or False')
+    if not self.depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                              for d in self.depths):
+      fail('depths', 'must be a non-empty sequence of positive integers')
+    if self.kernel_size % 2 == 0:
+      fail('kernel_size', 'must be odd, so that padding keeps the feature map centred')
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      fail('drop_path_rate', 'must be in [0, 1)')
+    if self.layer_scale_init < 0:
+      fail('layer_scale_init', 'must be >= 0 (0 disables LayerScale)')
+    if self.depthwise and self.groups != 1:
+      fail('groups', 'conflicts with depthwise=True, which already sets groups = channels')
+    if self.depthwise_position == 'top' and not (self.inverted_bottleneck and self.depthwise):
+      fail('depthwise_position',
+           "'top' moves the depthwise conv of an inverted bottleneck up; it needs "
+           'inverted_bottleneck=True and depthwise=True')
+    if self.groups > 1:
+      narrow = self.width if not self.inverted_bottleneck else self.width * self.expansion
+      if narrow % self.groups:
+        fail('groups', f'must divide the spatial conv width {narrow} of the first stage')

@@ -1,0 +1,165 @@
+"""Small layers with PyTorch's exact semantics: norms, DropPath, LayerScale, convs, initialisers.
+
+Everything is NHWC (channels last). Norms are written out rather than taken from flax so that their
+arithmetic matches PyTorch's (two-pass variance; BatchNorm's running variance is the unbiased one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from modernize.depthwise import DepthwiseConv
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+# --- initialisers ---------------------------------------------------------------------------------
+
+def trunc_normal_002(key, shape, dtype=jnp.float32):
+  # timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e. +-100 sigma: effectively a plain
+  # normal. jax's truncated_normal(0.02) would cut at +-2 sigma and shrink the std.
+  return 0.02 * jax.random.truncated_normal(key, -100.0, 100.0, shape, dtype)
+
+
+def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
+  """torchvision ResNet convs: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+
+  `shape` is flax's (kh, kw, in/groups, out); PyTorch's fan-out is out * kh * kw whatever the groups.
+  """
+  fan_out = shape[-1] * math.prod(shape[:-2])
+  return math.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, dtype)
+
+
+def torch_linear_uniform(fan_in: int) -> Initializer:
+  """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias alike."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def conv_init(init: str) -> Initializer:
+  return kaiming_normal_fan_out if init == 'kaiming' else trunc_normal_002
+
+
+# --- convolutions ---------------------------------------------------------------------------------
+
+def conv(in_dim: int, out_dim: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
+         use_bias: bool, init: str, padding: int | None = None, depthwise_impl: str = 'auto',
+         rngs: nnx.Rngs) -> nnx.Module:
+  """A 2-D conv with PyTorch's symmetric padding (k // 2 unless given).
+
+  flax's default 'SAME' padding is asymmetric for stride 2 on even inputs and would shift ResNet's
+  7x7/2 stem and 3x3/2 convs by a pixel against PyTorch. Depthwise convs (groups = channels) go to
+  `DepthwiseConv`, which is fast on CPU too.
+  """
+  pad = kernel_size // 2 if padding is None else padding
+  if groups == in_dim == out_dim and groups > 1:
+    return DepthwiseConv(out_dim, kernel_size, stride=stride, use_bias=use_bias,
+                         kernel_init=conv_init(init), impl=depthwise_impl, rngs=rngs)
+  return nnx.Conv(in_dim, out_dim, (kernel_size, kernel_size), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
+                  kernel_init=conv_init(init), bias_init=nnx.initializers.zeros, rngs=rngs)
+
+
+def linear(in_dim: int, out_dim: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:
+  if init == 'kaiming':
+    kernel_init = bias_init = torch_linear_uniform(in_dim)
+  else:
+    kernel_init, bias_init = trunc_normal_002, nnx.initializers.zeros
+  return nnx.Linear(in_dim, out_dim, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+# --- normalisation --------------------------------------------------------------------------------
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last (channel) axis, eps 1e-6 as ConvNeXt (both its channels_first and
+  channels_last variants normalise over channels only)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+  def __call__(self, x):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over all axes but the last, with PyTorch's semantics (momentum 0.1, eps 1e-5, the
+  running variance tracks the unbiased batch variance).
+
+  Under `jax.jit` with a batch-sharded input, the batch mean is a global reduction, so this is
+  synchronised BatchNorm across devices and hosts without any axis name.
+  """
+
+  def __init__(self, dim: int, *, momentum: float = 0.1, eps: float = 1e-5,
+               use_running_average: bool = False):
+    self.momentum = momentum
+    self.eps = eps
+    self.use_running_average = use_running_average
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x):
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = x.mean(axes)
+      var = jnp.square(x - mean).mean(axes)
+      n = math.prod(x.shape[:-1])
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+def norm(kind: str, dim: int) -> LayerNorm | BatchNorm:
+  return BatchNorm(dim) if kind == 'batch' else LayerNorm(dim)
+
+
+# --- residual-branch helpers ----------------------------------------------------------------------
+
+def activation(kind: str) -> Callable[[jax.Array], jax.Array]:
+  if kind == 'relu':
+    return jax.nn.relu
+  # PyTorch's nn.GELU() is the exact erf form; jax defaults to the tanh approximation.
+  return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+class LayerScale(nnx.Module):
+  """Learnable per-channel gain on a residual branch (CaiT; ConvNeXt's `gamma`), init e.g. 1e-6."""
+
+  def __init__(self, dim: int, init_value: float):
+    self.scale = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+
+  def __call__(self, x):
+    return x * self.scale[...]
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: drops a residual branch for a whole sample with probability `rate` and
+  scales survivors by 1 / (1 - rate), as timm's DropPath. Identity in eval mode."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None, deterministic: bool = False):
+    self.rate = rate
+    self.deterministic = deterministic
+    # Each DropPath owns a forked stream, so modules share no RNG state.
+    self.rngs = rngs['dropout'].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+
+  def __call__(self, x, *, key: jax.Array | None = None):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    key = self.rngs() if key is None else key
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0)

@@ -1,0 +1,71 @@
+"""The configurable network: stem, four stages of `LadderBlock`s, head."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from modernize.blocks import Downsample, Head, LadderBlock, Stem
+from modernize.config import NetConfig
+
+
+class Stage(nnx.Module):
+  """An optional separate downsampling layer followed by residual blocks."""
+
+  def __init__(self, downsample: Downsample | None, blocks: list[LadderBlock]):
+    self.downsample = downsample if downsample is not None else nnx.data(None)
+    self.blocks = nnx.List(blocks)
+
+  def __call__(self, x):
+    if self.downsample is not None:
+      x = self.downsample(x)
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+class Network(nnx.Module):
+  """ResNet-50 with `NetConfig()`, ConvNeXt-T with `modernize.presets.convnext_tiny()`, and every
+  step of the ladder in between. Input NHWC float32; output logits.
+
+  Train/eval mode: `model.train()` / `model.eval()` (BatchNorm statistics and DropPath).
+  """
+
+  def __init__(self, cfg: NetConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.stem = Stem(cfg, rngs=rngs)
+    # Stochastic depth grows linearly over all blocks, as in the official code.
+    rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+    in_dim, stages = cfg.width, []
+    for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.stage_widths())):
+      stride = 1 if i == 0 else 2
+      downsample = None
+      if cfg.downsampling == 'separate' and i > 0:
+        downsample, stride = Downsample(in_dim, dim, cfg, rngs=rngs), 1
+        in_dim = dim
+      blocks = []
+      for j in range(depth):
+        blocks.append(LadderBlock(in_dim, dim, stride=stride if j == 0 else 1, cfg=cfg,
+                                  drop_path=rates.pop(0), rngs=rngs))
+        in_dim = dim
+      stages.append(Stage(downsample, blocks))
+    self.stages = nnx.List(stages)
+    self.head = Head(in_dim, cfg, rngs=rngs)
+
+  def features(self, x) -> list[jax.Array]:
+    """The output of each stage (for analysis of representations)."""
+    x = self.stem(x)
+    outputs = []
+    for stage in self.stages:
+      x = stage(x)
+      outputs.append(x)
+    return outputs
+
+  def __call__(self, x):
+    return self.head(self.features(x)[-1])
+
+
+def count_params(model: nnx.Module) -> int:
+  """Trainable parameters (BatchNorm running statistics are not parameters)."""
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

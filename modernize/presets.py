@@ -1,0 +1,45 @@
+"""Named networks: the two ResNets the ladders start from and ConvNeXt T/S/B/L/XL.
+
+Drop-path rates are the paper's ImageNet-1K ones (Table 5: T/S/B/L = 0.1/0.4/0.5/0.5; XL, trained on
+ImageNet-22K only in the paper, takes L's); pass `drop_path_rate=` to change them.
+"""
+
+from __future__ import annotations
+
+from modernize.blocks import CONVNEXT_BLOCK
+from modernize.config import ConfigError, NetConfig
+
+
+def resnet50(**overrides) -> NetConfig:
+  return NetConfig().replace(**overrides)
+
+
+def resnet200(**overrides) -> NetConfig:
+  return NetConfig(depths=(3, 24, 36, 3)).replace(**overrides)
+
+
+def _convnext(depths, width, drop_path_rate):
+  def preset(**overrides) -> NetConfig:
+    return CONVNEXT_BLOCK.replace(depths=depths, width=width, drop_path_rate=drop_path_rate,
+                                  **overrides)
+  return preset
+
+
+convnext_tiny = _convnext((3, 3, 9, 3), 96, 0.1)
+convnext_small = _convnext((3, 3, 27, 3), 96, 0.4)
+convnext_base = _convnext((3, 3, 27, 3), 128, 0.5)
+convnext_large = _convnext((3, 3, 27, 3), 192, 0.5)
+convnext_xlarge = _convnext((3, 3, 27, 3), 256, 0.5)
+
+PRESETS = {
+    'resnet50': resnet50, 'resnet200': resnet200,
+    'convnext_tiny': convnext_tiny, 'convnext_small': convnext_small,
+    'convnext_base': convnext_base, 'convnext_large': convnext_large,
+    'convnext_xlarge': convnext_xlarge,
+}
+
+
+def preset(name: str, **overrides) -> NetConfig:
+  if name not in PRESETS:
+    raise ConfigError(f'unknown architecture {name!r}; known: {sorted(PRESETS)}')
+  return PRESETS[name](**overrides)

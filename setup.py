@@ -1,0 +1,38 @@
+"""modernize: the ConvNeXt paper's ResNet-50 -> ConvNeXt-T ladder in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Ranges we test (constraints.txt pins the exact set CI installs, on Python 3.11).
+CORE = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'ml-collections>=1.1.0,<1.2',
+    'tensorflow-datasets>=4.9.10,<4.10',
+    'numpy>=2.0,<3',
+    'tqdm>=4.66,<5',
+]
+EXTRAS = {
+    # The training input pipeline (tf.data) and preparing data sets.
+    'data': ['tensorflow-cpu>=2.21,<2.22'],
+    # The ladder chart.
+    'plot': ['matplotlib>=3.9,<4'],
+    # PyTorch references (parity tests, benchmarks) and weight conversion from torch checkpoints.
+    'torch': ['torch==2.14.1', 'torchvision==0.29.1', 'timm>=1.0.31,<1.1'],
+}
+EXTRAS['test'] = ['pytest>=8,<10'] + EXTRAS['data'] + EXTRAS['plot'] + EXTRAS['torch']
+EXTRAS['all'] = EXTRAS['test']
+
+setup(
+    name='modernize',
+    version='0.1.0',
+    description=__doc__,
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=find_packages(include=['modernize', 'modernize.*', 'experiments', 'experiments.*']),
+    package_data={'modernize': ['_native/*.cc']},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
