@@ -76,7 +76,8 @@ class LadderBlock(nnx.Module):
     else:
       self.shortcut_conv = self.shortcut_norm = nnx.data(None)
 
-  def __call__(self, x):
+  def __call__(self, x, *, key: jax.Array | None = None):
+    """`key`: the stochastic-depth key (else the block's own RNG stream is used)."""
     act = layers.activation(self.activation)
     shortcut = x
     if self.shortcut_conv is not None:
@@ -90,7 +91,7 @@ class LadderBlock(nnx.Module):
         x = act(x)
     if self.layer_scale is not None:
       x = self.layer_scale(x)
-    x = shortcut + self.drop_path(x)
+    x = shortcut + self.drop_path(x, key=key)
     return act(x) if self.act_after_add else x
 
 

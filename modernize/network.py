@@ -17,11 +17,11 @@ class Stage(nnx.Module):
     self.downsample = downsample if downsample is not None else nnx.data(None)
     self.blocks = nnx.List(blocks)
 
-  def __call__(self, x):
+  def __call__(self, x, *, key: jax.Array | None = None):
     if self.downsample is not None:
       x = self.downsample(x)
-    for block in self.blocks:
-      x = block(x)
+    for j, block in enumerate(self.blocks):
+      x = block(x, key=None if key is None else jax.random.fold_in(key, j))
     return x
 
 
@@ -53,17 +53,19 @@ class Network(nnx.Module):
     self.stages = nnx.List(stages)
     self.head = Head(in_dim, cfg, rngs=rngs)
 
-  def features(self, x) -> list[jax.Array]:
+  def features(self, x, *, key: jax.Array | None = None) -> list[jax.Array]:
     """The output of each stage (for analysis of representations)."""
     x = self.stem(x)
     outputs = []
-    for stage in self.stages:
-      x = stage(x)
+    for i, stage in enumerate(self.stages):
+      x = stage(x, key=None if key is None else jax.random.fold_in(key, i))
       outputs.append(x)
     return outputs
 
-  def __call__(self, x):
-    return self.head(self.features(x)[-1])
+  def __call__(self, x, *, key: jax.Array | None = None):
+    """Logits. `key` drives stochastic depth in train mode (a pure function of the key); without
+    it, each DropPath draws from its own RNG stream."""
+    return self.head(self.features(x, key=key)[-1])
 
 
 def count_params(model: nnx.Module) -> int:

@@ -1,0 +1,159 @@
+"""Train one step of the ResNet -> ConvNeXt ladder.
+
+  python -m experiments.train --config configs/ladder.py:patchify_stem,data=fashion_mnist,seed=1 \
+      --workdir runs/patchify_stem
+
+The argument after ':' is a step name followed by comma-separated options:
+  ladder=resnet50|resnet200   which ladder (default resnet50: Table 10)
+  data=NAME                   fashion_mnist (default), cifar10, cifar100, imagenette, imagenet2012
+  seed=N                      seed of init, data order, augmentation and stochastic depth
+  scale=full|small|cpu|tiny   model scale (default: full on imagenet2012/imagenette, cpu otherwise)
+  length=X                    training length as a fraction of the paper's (90 epochs for the
+                              original recipe, 300 for the enhanced one); the 90:300 ratio is kept
+  batch=N                     global batch size
+  image_size=N                input resolution
+  smoke                       tiny everything: a few steps on a few hundred examples (tests, CI)
+Any field below can then be overridden with --config.FIELD=VALUE, e.g.
+  --config.model.kernel_size=9 --config.optimizer.base_lr=2e-3 --config.epochs=2
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from modernize import ladder as ladders
+from modernize.config import ConfigError
+
+# Model scales: depths are multiplied (and rounded, at least 1 block) and widths divided so that
+# each step's change survives: 1:1:3:1 stays 1:1:3:1, 64 -> 96 stays a 1.5x widening, and the
+# expansion ratio 4 stays 4. ResNet-50's (3, 4, 6, 3) becomes (1, 1, 2, 1) at a third.
+SCALES = {
+    'full': (1.0, 1),
+    'small': (1 / 3, 2),
+    'cpu': (1 / 3, 4),
+    'tiny': (1 / 3, 8),
+}
+
+# The two recipes of the paper (Table 5 and torchvision's reference). Learning rates are given at
+# a reference batch size and scaled linearly with the actual global batch.
+RECIPES = {
+    'original': dict(
+        epochs=90, optimizer='sgd', base_lr=0.1, lr_batch=256, momentum=0.9, weight_decay=1e-4,
+        decay_all=True, schedule='step', warmup_epochs=0, step_epochs=(30, 60), min_lr=0.0,
+        label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, randaugment_n=0,
+        randaugment_m=0, randaugment_mstd=0.0, random_erasing=0.0, drop_path_rate=0.0),
+    'enhanced': dict(
+        epochs=300, optimizer='adamw', base_lr=4e-3, lr_batch=4096, momentum=0.9,
+        weight_decay=0.05, decay_all=False, schedule='cosine', warmup_epochs=20, step_epochs=(),
+        min_lr=1e-6, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_n=2,
+        randaugment_m=9, randaugment_mstd=0.5, random_erasing=0.25, drop_path_rate=0.1),
+}
+
+LARGE_DATA = ('imagenet2012', 'imagenette')
+
+
+def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
+  parts = [p.strip() for p in (arg or 'convnext_t').split(',') if p.strip()]
+  step, options = parts[0], {}
+  if '=' in step:
+    raise ConfigError(f'the config argument must start with a step name, got {step!r}')
+  for part in parts[1:]:
+    key, _, value = part.partition('=')
+    options[key] = value if _ else 'true'
+  known = {'ladder', 'data', 'seed', 'scale', 'length', 'batch', 'image_size', 'smoke'}
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise ConfigError(f'unknown config option(s) {unknown}; options: {sorted(known)}')
+  return step, options
+
+
+def _number(options, key, kind, default):
+  if key not in options:
+    return default
+  try:
+    return kind(options[key])
+  except ValueError:
+    raise ConfigError(f'{key}={options[key]!r} is not a valid {kind.__name__}') from None
+
+
+def scaled_depths(depths, multiplier: float) -> tuple[int, ...]:
+  return tuple(max(1, round(d * multiplier)) for d in depths)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  step, options = _parse(arg)
+  ladder = ladders.get_ladder(options.get('ladder', 'resnet50'))
+  ladder.step(step)  # unknown step: ConfigError naming it
+  smoke = options.get('smoke', 'false').lower() in ('1', 'true', 'yes')
+  data = options.get('data', 'fashion_mnist')
+  large = data in LARGE_DATA
+  scale = options.get('scale', 'tiny' if smoke else ('full' if large else 'cpu'))
+  if scale not in SCALES:
+    raise ConfigError(f'scale={scale!r}: must be one of {sorted(SCALES)}')
+  recipe_name = ladder.recipe(step)
+  recipe = RECIPES[recipe_name]
+
+  c = ml_collections.ConfigDict()
+  c.ladder = ladder.name
+  c.step = step
+  c.step_index = ladder.index(step)
+  c.seed = _number(options, 'seed', int, 0)
+  c.smoke = smoke
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = data
+  c.data.dir = ''                      # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.image_size = _number(options, 'image_size', int, 224 if large else 32)
+  c.data.channels = 3 if large or data.startswith('cifar') else 1
+  c.data.train_examples = 512 if smoke else 0   # 0 = the whole train split
+  c.data.test_examples = 256 if smoke else 0    # 0 = the whole test split
+  c.data.threads = 2                   # input-pipeline worker threads per host
+
+  c.scale = ml_collections.ConfigDict()
+  c.scale.name = scale
+  c.scale.depth_multiplier, c.scale.width_divisor = SCALES[scale]
+
+  # The network: the step's flags, scaled. Any NetConfig flag can be overridden here.
+  net = ladder.net_config(step)
+  c.model = ml_collections.ConfigDict(net.to_dict())
+  c.model.depths = scaled_depths(net.depths, c.scale.depth_multiplier)
+  c.model.width = max(1, net.width // c.scale.width_divisor)
+  c.model.drop_path_rate = recipe['drop_path_rate']
+  c.model.in_channels = c.data.channels
+  c.model.num_classes = -1             # -1: taken from the data set
+
+  c.recipe = recipe_name
+  c.optimizer = ml_collections.ConfigDict({
+      k: recipe[k] for k in ('optimizer', 'base_lr', 'lr_batch', 'momentum', 'weight_decay',
+                             'decay_all', 'schedule', 'warmup_epochs', 'step_epochs', 'min_lr')})
+  c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+  c.optimizer.grad_clip = 0.0          # 0 = none (Table 5)
+
+  c.augment = ml_collections.ConfigDict({
+      k: recipe[k] for k in ('label_smoothing', 'mixup_alpha', 'cutmix_alpha', 'randaugment_n',
+                             'randaugment_m', 'randaugment_mstd', 'random_erasing')})
+  c.augment.mix_prob = 1.0
+  c.augment.switch_prob = 0.5          # CutMix instead of Mixup with this probability
+  c.augment.hflip = True
+  c.augment.crop = 'random_resized' if large else 'pad'   # 'random_resized' | 'pad' | 'none'
+  c.augment.crop_pad = 4               # pixels, for crop='pad' (small images)
+  c.augment.randaugment_prob = 0.5     # probability that each drawn op is applied (timm's)
+
+  c.ema_decay = 0.0                    # 0 = off (the ladder's protocol); 0.9999 in Table 5
+
+  # Duration: the paper's epochs times `length`. All schedules are defined in epochs and turned
+  # into steps in one place (experiments.train.Schedule).
+  default_length = 1.0 if large else 0.01
+  c.length = _number(options, 'length', float, default_length)
+  c.epochs = recipe['epochs'] * c.length
+  c.batch_size = _number(options, 'batch', int, 4096 if large else 128)
+  if smoke:
+    c.batch_size = _number(options, 'batch', int, 32)
+    c.epochs = 0.5 if recipe_name == 'original' else 0.5 * 300 / 90
+    c.data.image_size = _number(options, 'image_size', int, 32)
+
+  c.log_every_steps = 10 if smoke else 50
+  c.checkpoint_every_steps = 4 if smoke else 200
+  c.keep_checkpoints = 2
+  c.step_table = 'runs/steps.csv'      # relative to the working directory of the command
+  return c

@@ -1,0 +1,55 @@
+"""Orbax checkpoints behind three calls, so the rest of the code never touches orbax's API.
+
+Saves are periodic and keep the newest N; orbax writes each into a temporary directory and renames
+it when complete, so a run killed mid-save resumes from the previous checkpoint. Every process of a
+multi-host run calls these functions; orbax coordinates the hosts.
+"""
+
+from __future__ import annotations
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  def __init__(self, directory: str, *, keep: int = 2):
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, *, wait: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore(self, step: int, like):
+    """Restores into the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        like)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, state) of a run's checkpoint as nested dicts of numpy arrays, on any topology (e.g. a
+  checkpoint written by 8 devices or 2 hosts, read by one process). `step` None: the latest."""
+  import os
+
+  import numpy as np
+
+  if step is None:
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    step = max(steps)
+  path = os.path.join(directory, str(step), 'default')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))

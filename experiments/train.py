@@ -1,0 +1,506 @@
+"""Train one ladder step (one config) and append its row to the step table.
+
+  python -m experiments.train --config configs/ladder.py:convnext_t,smoke --workdir /tmp/convnext_t
+
+The train step is a plain `jax.jit` over the `nnx.split` state with explicit shardings over a 1-D
+'data' mesh of every device of every host: the batch is split, the state replicated and donated.
+BatchNorm statistics under that sharding are global (synchronised BN). Runs resume from the last
+checkpoint in WORKDIR/checkpoints; SIGTERM saves a checkpoint and exits with code 143.
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl (one JSON line per logging step) and a row of
+the step table (default runs/steps.csv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments import data as data_lib
+from experiments import mixing, steptable
+from experiments.checkpoint import Checkpoints
+from experiments.cli import UsageError
+from modernize.config import NetConfig
+from modernize.flops import count_macs
+from modernize.network import Network, count_params
+
+
+class TrainingDiverged(Exception):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved."""
+
+
+# --- durations ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Every duration of a run in steps. Epochs become steps here and nowhere else.
+
+  The recipe's warm-up and step-decay epochs are the paper's (out of `paper_epochs`); a run of
+  `epochs` epochs scales them by epochs / paper_epochs, keeping their place in training.
+  """
+  steps_per_epoch: float
+  epochs: float
+  paper_epochs: float
+
+  @property
+  def total_steps(self) -> int:
+    return max(1, self.steps(self.epochs))
+
+  def steps(self, epochs: float) -> int:
+    return int(round(epochs * self.steps_per_epoch))
+
+  def paper_steps(self, paper_epochs: float) -> int:
+    return self.steps(paper_epochs * self.epochs / self.paper_epochs)
+
+
+def learning_rate(config, schedule: Schedule) -> optax.Schedule:
+  o = config.optimizer
+  peak = o.base_lr * config.batch_size / o.lr_batch
+  total = schedule.total_steps
+  if o.schedule == 'step':
+    boundaries = {schedule.paper_steps(e): 0.1 for e in o.step_epochs}
+    return optax.piecewise_constant_schedule(peak, {b: s for b, s in boundaries.items() if b > 0})
+  warmup = min(schedule.paper_steps(o.warmup_epochs), total - 1)
+  if warmup <= 0:
+    return optax.cosine_decay_schedule(peak, total, alpha=o.min_lr / peak)
+  # decay_steps counts the warm-up steps too.
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=o.min_lr)
+
+
+def optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  # The enhanced recipe decays only weights with ndim > 1: not biases, norms or LayerScale.
+  mask = None if o.decay_all else (lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+  if o.optimizer == 'sgd':
+    # PyTorch's SGD adds weight decay to the gradient before momentum.
+    tx = optax.chain(optax.masked(optax.add_decayed_weights(o.weight_decay), mask)
+                     if mask else optax.add_decayed_weights(o.weight_decay),
+                     optax.sgd(lr, momentum=o.momentum))
+  elif o.optimizer == 'adamw':
+    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+  else:
+    raise UsageError(f'optimizer.optimizer={o.optimizer!r}: must be sgd or adamw')
+  if o.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+def net_config(config, num_classes: int) -> NetConfig:
+  values = config.model.to_dict()
+  if values.get('num_classes', -1) == -1:
+    values['num_classes'] = num_classes
+  return NetConfig.from_dict(values)
+
+
+def augment_config(config) -> data_lib.AugmentConfig:
+  a = config.augment
+  if a.crop not in ('random_resized', 'pad', 'none'):
+    raise UsageError(f"augment.crop={a.crop!r}: must be 'random_resized', 'pad' or 'none'")
+  try:
+    return data_lib.AugmentConfig(
+        random_resized_crop=a.crop == 'random_resized',
+        random_crop_pad=a.crop_pad if a.crop == 'pad' else 0, hflip=a.hflip,
+        randaugment_n=a.randaugment_n, randaugment_m=a.randaugment_m,
+        randaugment_mstd=a.randaugment_mstd, randaugment_prob=a.randaugment_prob,
+        random_erasing_prob=a.random_erasing)
+  except ValueError as e:
+    raise UsageError(f'augment: {e}') from None
+
+
+def config_hash(config) -> str:
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def paper_epochs(config) -> float:
+  return 90.0 if config.recipe == 'original' else 300.0
+
+
+def validate(config) -> None:
+  problems = []
+  if config.batch_size <= 0:
+    problems.append('batch_size must be positive')
+  if config.epochs <= 0:
+    problems.append('epochs must be positive')
+  if config.batch_size % jax.device_count():
+    problems.append(f'batch_size={config.batch_size} must be divisible by the device count '
+                    f'{jax.device_count()}')
+  if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+    problems.append('log_every_steps and checkpoint_every_steps must be positive')
+  if problems:
+    raise UsageError('; '.join(problems))
+
+
+# --- state and steps ------------------------------------------------------------------------------
+
+def create_state(config, cfg: NetConfig, tx, sharding=None):
+  """The model's graph, its constant part, and the train state pytree (params, BN statistics,
+  optimizer state, step counter), initialised by one jitted function (eager init would compile a
+  small program per parameter shape)."""
+  def build():
+    return Network(cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+
+  graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.BatchStat, ...)[0]
+
+  def init():
+    _, params, batch_stats, constants = nnx.split(build(), nnx.Param, nnx.BatchStat, ...)
+    state = {'params': params, 'batch_stats': batch_stats, 'opt': tx.init(params),
+             'step': jnp.zeros((), jnp.int32)}
+    if config.ema_decay > 0:
+      state['ema'] = jax.tree.map(jnp.copy, params)
+    return constants, state
+
+  # Runs once: XLA's backend optimisations would only make it compile slower (13 s -> 1.3 s).
+  compiled = jax.jit(init, out_shardings=sharding).lower().compile(
+      compiler_options={'xla_backend_optimization_level': 0})
+  constants, state = compiled()
+  return graphdef, constants, state
+
+
+def make_train_step(config, graphdef, constants, tx, lr, num_classes):
+  a = config.augment
+  base_key = jax.random.key(config.seed)
+
+  def train_step(state, batch):
+    step = state['step']
+    key = jax.random.fold_in(base_key, step)
+    mix_key, drop_key = jax.random.split(key)
+    images, targets = mixing.mix(
+        mix_key, batch['image'], batch['label'], num_classes=num_classes,
+        mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, switch_prob=a.switch_prob,
+        mix_prob=a.mix_prob, label_smoothing=a.label_smoothing)
+
+    def loss_fn(params, batch_stats):
+      # copy: fresh Variables in this trace, so BatchNorm may update its statistics here.
+      model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
+      model.train()
+      logits = model(images, key=drop_key)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      return loss, nnx.state(model, nnx.BatchStat)
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], state['batch_stats'])
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = {'params': params, 'batch_stats': batch_stats, 'opt': opt, 'step': step + 1}
+    if 'ema' in state:
+      new['ema'] = optax.incremental_update(params, state['ema'], 1.0 - config.ema_decay)
+    metrics = {'loss': loss, 'lr': lr(step)}
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, constants, use_ema: bool):
+  def eval_step(state, batch):
+    params = state['ema'] if use_ema else state['params']
+    model = nnx.merge(graphdef, params, state['batch_stats'], constants)
+    model.eval()
+    logits = model(batch['image'])
+    mask = batch['mask']
+    labels = batch['label']
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {'correct1': jnp.sum((top5[:, 0] == labels) & mask),
+            'correct5': jnp.sum(jnp.any(top5 == labels[:, None], axis=1) & mask),
+            'loss': jnp.sum(jnp.where(mask, loss, 0.0)), 'count': jnp.sum(mask)}
+  return eval_step
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def _versions() -> str:
+  names = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-datasets')
+  out = []
+  for n in names:
+    try:
+      out.append(f'{n}={importlib.metadata.version(n)}')
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return ' '.join(out)
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ''
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+
+
+def _global_batch(local: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+class _Progress:
+  """A tqdm bar on a terminal (process 0 only); silent otherwise (the metrics file has it all)."""
+
+  def __init__(self, total, initial, desc, enabled):
+    self.bar = None
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, desc=desc, unit='step', dynamic_ncols=True)
+
+  def update(self, n=1):
+    if self.bar:
+      self.bar.update(n)
+
+  def show(self, **values):
+    if self.bar:
+      self.bar.set_postfix(values, refresh=False)
+
+  def close(self):
+    if self.bar:
+      self.bar.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics and
+  appends the run's row to the step table."""
+  start_time = time.time()
+  validate(config)
+  augment = augment_config(config)
+  net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
+  _check_workdir(workdir)
+  is_main = jax.process_index() == 0
+
+  data_dir = config.data.dir or None
+  data_lib.configure_tensorflow()
+  data_lib.prepare(config.data.name, data_dir)  # DatasetUnavailable: one line on how to get it
+  info = data_lib.info(config.data.name, data_dir)
+  num_train = config.data.train_examples or info.num_train
+  cfg = net_config(config, info.num_classes)
+
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P('data'))
+  local_batch = config.batch_size // jax.process_count()
+
+  schedule = Schedule(num_train / config.batch_size, config.epochs, paper_epochs(config))
+  lr = learning_rate(config, schedule)
+  tx = optimizer(config, lr)
+  graphdef, constants, state = create_state(config, cfg, tx, replicated)
+
+  train_step = jax.jit(make_train_step(config, graphdef, constants, tx, lr, info.num_classes),
+                       in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, constants, config.ema_decay > 0),
+                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                            keep=config.keep_checkpoints)
+  start_step = 0
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    state = checkpoints.restore(latest, state)
+    start_step = int(state['step'])
+
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=1, default=str)
+  metrics_file = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if is_main else None
+
+  def log(record):
+    if metrics_file:
+      metrics_file.write(json.dumps(record) + '\n')
+      metrics_file.flush()
+
+  total = schedule.total_steps
+  batches = data_lib.train_batches(
+      config.data.name, data_dir=data_dir, batch_size=local_batch,
+      image_size=config.data.image_size, channels=config.data.channels, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), augment=augment,
+      num_examples=config.data.train_examples or None, num_workers=config.data.threads)
+
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  progress = _Progress(total, start_step, f'{config.step} seed {config.seed}', is_main)
+  window_loss, window_start, window_steps = [], time.time(), 0
+  first_window = True   # holds the compilation: left out of the speed
+  train_time, trained_steps, last_loss = 0.0, 0, float('nan')
+  try:
+    for step in range(start_step, total):
+      batch = _global_batch(next(batches), batch_sharding)
+      state, metrics = train_step(state, batch)
+      window_loss.append(metrics['loss'])
+      window_steps += 1
+      progress.update()
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total:
+        losses = np.asarray(jax.device_get(window_loss))   # the only host sync between logs
+        if not np.all(np.isfinite(losses)):
+          raise TrainingDiverged(f'loss became {losses[~np.isfinite(losses)][0]} at step '
+                                 f'{step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))}; '
+                                 f'the last good checkpoint is kept in {workdir}/checkpoints')
+        elapsed = time.time() - window_start
+        last_loss = float(losses.mean())
+        if not first_window:
+          train_time += elapsed
+          trained_steps += window_steps
+        first_window = False
+        img_s = window_steps * config.batch_size / max(elapsed, 1e-9)
+        record = {'step': done, 'epoch': done / schedule.steps_per_epoch,
+                  'train_loss': last_loss, 'lr': float(metrics['lr']), 'img_per_s': img_s,
+                  'wall_s': time.time() - start_time}
+        log(record)
+        progress.show(loss=f'{last_loss:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_s:.0f}')
+        window_loss, window_start, window_steps = [], time.time(), 0
+      if done % config.checkpoint_every_steps == 0 or done == total or preempted:
+        if window_loss:   # never save a state whose loss is not known to be finite
+          losses = np.asarray(jax.device_get(window_loss))
+          if not np.all(np.isfinite(losses)):
+            raise TrainingDiverged(f'loss became non-finite before step {done}; the last good '
+                                   f'checkpoint is kept in {workdir}/checkpoints')
+        checkpoints.save(done, state, wait=bool(preempted) or done == total)
+        if preempted:
+          raise Preempted()
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+    checkpoints.close()   # waits for an async save in flight, whatever ended the loop
+
+  # Eval over the whole test split, exact on any device count (padding is masked out).
+  totals = {'correct1': 0, 'correct5': 0, 'loss': 0.0, 'count': 0}
+  for batch in data_lib.eval_batches(
+      config.data.name, data_dir=data_dir, batch_size=local_batch,
+      image_size=config.data.image_size, channels=config.data.channels,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_examples=config.data.test_examples or None, num_workers=config.data.threads):
+    out = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
+    for k in totals:
+      totals[k] += out[k]
+  count = int(totals['count'])
+  result = {'step': total, 'top1': 100.0 * totals['correct1'] / count,
+            'top5': 100.0 * totals['correct5'] / count, 'test_loss': float(totals['loss']) / count,
+            'test_examples': count, 'train_loss': last_loss,
+            'train_img_per_s': trained_steps * config.batch_size / train_time if train_time else 0.0,
+            'wall_s': time.time() - start_time}
+  log({k: v for k, v in result.items()})
+  if metrics_file:
+    metrics_file.close()
+
+  if is_main:
+    steptable.append_row(config.step_table, {
+        'ladder': config.ladder, 'step': config.step, 'step_index': config.step_index,
+        'seed': config.seed, 'data': config.data.name, 'image_size': config.data.image_size,
+        'scale': config.scale.name, 'epochs': f'{config.epochs:g}', 'steps': total,
+        'batch_size': config.batch_size, 'params': count_params(nnx.merge(
+            graphdef, state['params'], state['batch_stats'], constants)),
+        'gmacs': f'{count_macs(cfg, config.data.image_size) / 1e9:.6f}',
+        'top1': f'{result["top1"]:.4f}', 'top5': f'{result["top5"]:.4f}',
+        'test_loss': f'{result["test_loss"]:.6f}', 'train_loss': f'{last_loss:.6f}',
+        'train_img_per_s': f'{result["train_img_per_s"]:.2f}',
+        'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
+        'device_count': jax.device_count(), 'process_count': jax.process_count(),
+        'versions': _versions(), 'git_commit': _git_commit(), 'config_hash': config_hash(config),
+        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': os.path.abspath(workdir)})
+  return result
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def enable_compilation_cache() -> None:
+  """Reuses compiled train steps across runs (seeds of one step, resumed runs): a step's compile
+  takes 5-30 s on a small CPU. Off with MODERNIZE_COMPILATION_CACHE=0."""
+  directory = os.environ.get('MODERNIZE_COMPILATION_CACHE',
+                             os.path.join(os.path.expanduser('~'), '.cache', 'modernize', 'jax'))
+  if directory in ('', '0'):
+    return
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def _parse_flags(argv):
+  from absl import flags
+  from ml_collections import config_flags
+
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'configs/ladder.py:STEP[,options]',
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and config',
+                      flag_values=flag_values)
+  flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host)',
+                    flag_values=flag_values)
+  flags.DEFINE_string('coordinator', None, 'host:port of process 0 (when not auto-detected)',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('num_processes', None, 'number of processes (with --coordinator)',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('process_id', None, 'this process (with --coordinator)',
+                       flag_values=flag_values)
+  try:
+    flag_values(argv)
+    config = flag_values.config
+  except flags.Error as e:
+    raise UsageError(str(e).splitlines()[0]) from None
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    # ml_collections reports unknown keys and wrong types through these.
+    raise UsageError(f'bad config override: {e}') from None
+  if config is None:
+    raise UsageError('--config is required, e.g. --config configs/ladder.py:convnext_t')
+  if not flag_values.workdir:
+    raise UsageError('--workdir is required')
+  return config, flag_values
+
+
+def main(argv=None) -> int:
+  from experiments.cli import EXPECTED
+
+  argv = list(sys.argv if argv is None else argv)
+  enable_compilation_cache()
+  try:
+    config, flag_values = _parse_flags(argv)
+    if flag_values.distributed:
+      kwargs = {}
+      if flag_values.coordinator:
+        kwargs = dict(coordinator_address=flag_values.coordinator,
+                      num_processes=flag_values.num_processes, process_id=flag_values.process_id)
+      jax.distributed.initialize(**kwargs)
+    result = train_and_evaluate(config, flag_values.workdir)
+  except (*EXPECTED, data_lib.DatasetUnavailable, TrainingDiverged) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except Preempted:
+    print('preempted: checkpoint saved; run the same command again to resume', file=sys.stderr)
+    return 143
+  if jax.process_index() == 0:
+    print(json.dumps({'step': config.step, 'seed': config.seed, **result}))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

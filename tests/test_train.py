@@ -1,0 +1,222 @@
+"""Training end to end on the smoke option: runs, rows, sharding, multi-process, resume, bad input."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import steptable
+from experiments.checkpoint import load_numpy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(workdir, config_arg, *overrides, env=None, table=None, check=True, wait=True):
+  table = table or os.path.join(os.path.dirname(workdir), 'steps.csv')
+  cmd = [sys.executable, '-m', 'experiments.train', f'--config=configs/ladder.py:{config_arg}',
+         f'--workdir={workdir}', f'--config.step_table={table}', *overrides]
+  full_env = {**os.environ, **(env or {})}
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+  if check and res.returncode != 0:
+    raise AssertionError(f'exit {res.returncode}\n{res.stderr[-3000:]}')
+  return res
+
+
+def final_params(workdir):
+  return load_numpy(os.path.join(workdir, 'checkpoints'))
+
+
+def flat(tree, prefix=''):
+  if isinstance(tree, (dict, list, tuple)):
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    out = {}
+    for k, v in items:
+      out.update(flat(v, f'{prefix}/{k}'))
+    return out
+  return {prefix: np.asarray(tree)}
+
+
+def test_smoke_run_appends_a_row(tmp_path):
+  workdir = tmp_path / 'run'
+  start = time.time()
+  res = run_train(str(workdir), 'convnext_t,smoke')
+  elapsed = time.time() - start
+  rows = steptable.read_rows(str(tmp_path / 'steps.csv'))
+  assert len(rows) == 1
+  row = rows[0]
+  assert row['step'] == 'convnext_t' and row['data'] == 'fashion_mnist' and row['scale'] == 'tiny'
+  assert set(row) == set(steptable.COLUMNS)
+  assert 0 <= float(row['top1']) <= 100 and int(row['params']) > 0
+  assert (workdir / 'config.json').exists()
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) >= 2 and '"train_loss"' in lines[0]
+  assert '"top1"' in res.stdout
+  print(f'smoke convnext_t: {elapsed:.1f} s')
+
+
+def test_original_recipe_step_runs(tmp_path):
+  run_train(str(tmp_path / 'run'), 'resnet50,smoke,seed=3')
+  row = steptable.read_rows(str(tmp_path / 'steps.csv'))[0]
+  assert row['step'] == 'resnet50' and row['seed'] == '3' and row['step_index'] == '0'
+
+
+SGD = ['--config.optimizer.optimizer=sgd', '--config.optimizer.base_lr=0.05',
+       '--config.optimizer.decay_all=True', '--config.augment.mixup_alpha=0.0',
+       '--config.augment.cutmix_alpha=0.0']
+
+
+def test_one_device_equals_eight_device_mesh(tmp_path):
+  # SGD, not Adam: Adam's division by sqrt(v) magnifies reduction-order rounding (engineering notes).
+  one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
+  run_train(one, 'layer_norm,smoke', *SGD, env={'JAX_NUM_CPU_DEVICES': '1'})
+  run_train(eight, 'layer_norm,smoke', *SGD, env={'JAX_NUM_CPU_DEVICES': '8'})
+  s1, a = final_params(one)
+  s8, b = final_params(eight)
+  assert s1 == s8
+  fa, fb = flat(a['params']), flat(b['params'])
+  assert fa.keys() == fb.keys()
+  worst = max(float(np.max(np.abs(fa[k] - fb[k]))) for k in fa)
+  assert worst < 1e-5, worst
+  rows = steptable.read_rows(str(tmp_path / 'steps.csv'))
+  assert [r['device_count'] for r in rows] == ['1', '8']
+  assert abs(float(rows[0]['train_loss']) - float(rows[1]['train_loss'])) < 1e-4
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_in_lockstep(tmp_path):
+  single = str(tmp_path / 'single')
+  run_train(single, 'fewer_norms,smoke', *SGD, env={'JAX_NUM_CPU_DEVICES': '1'})
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  procs = [run_train(multi, 'fewer_norms,smoke', *SGD, '--distributed',
+                     f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+                     env={'JAX_NUM_CPU_DEVICES': '1'}, table=str(tmp_path / 'multi.csv'),
+                     wait=False) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  _, a = final_params(single)
+  _, b = final_params(multi)
+  fa, fb = flat(a['params']), flat(b['params'])
+  worst = max(float(np.max(np.abs(fa[k] - fb[k]))) for k in fa)
+  assert worst < 1e-5, worst
+  rows = steptable.read_rows(str(tmp_path / 'multi.csv'))
+  assert len(rows) == 1 and rows[0]['process_count'] == '2'   # only process 0 writes
+
+
+def test_sigkill_and_resume_equals_unbroken_run(tmp_path):
+  unbroken, broken = str(tmp_path / 'unbroken'), str(tmp_path / 'broken')
+  longer = ['--config.epochs=4', '--config.checkpoint_every_steps=8']
+  run_train(unbroken, 'gelu,smoke', *longer)
+  proc = run_train(broken, 'gelu,smoke', *longer, wait=False)
+  ckpt = os.path.join(broken, 'checkpoints')
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= 16 for d in os.listdir(ckpt)):
+      break
+    if proc.poll() is not None:
+      pytest.fail('the run finished before it could be killed')
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not steptable.read_rows(str(tmp_path / 'steps.csv'))[1:]   # the killed run wrote no row
+  run_train(broken, 'gelu,smoke', *longer)
+  _, a = final_params(unbroken)
+  _, b = final_params(broken)
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+  rows = steptable.read_rows(str(tmp_path / 'steps.csv'))
+  assert len(rows) == 2
+  for col in ('top1', 'top5', 'test_loss', 'train_loss'):
+    assert rows[0][col] == rows[1][col], col
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = run_train(workdir, 'resnet50,smoke', '--config.epochs=20',
+                   '--config.checkpoint_every_steps=1000', '--config.log_every_steps=2',
+                   wait=False)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  assert 'preempted' in err and 'Traceback' not in err
+  step, _ = final_params(workdir)
+  assert 0 < step < 320
+  assert not os.path.exists(tmp_path / 'steps.csv')
+
+
+APPENDER = r'''
+import sys
+from experiments import steptable
+from experiments.checkpoint import load_numpy
+i = int(sys.argv[2])
+for j in range(25):
+  steptable.append_row(sys.argv[1], {'step': f'step,"{i}"', 'seed': j, 'top1': 1.5 * i,
+                                     'versions': 'x' * 500})
+'''
+
+
+def test_concurrent_appends(tmp_path):
+  table = str(tmp_path / 'steps.csv')
+  procs = [subprocess.Popen([sys.executable, '-c', APPENDER, table, str(i)], cwd=ROOT)
+           for i in range(8)]
+  assert all(p.wait(timeout=120) == 0 for p in procs)
+  with open(table, newline='') as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == list(steptable.COLUMNS)
+  assert len(rows) == 1 + 8 * 25 and all(len(r) == len(steptable.COLUMNS) for r in rows)
+  seen = {(r[1], r[3]) for r in rows[1:]}
+  assert seen == {(f'step,"{i}"', str(j)) for i in range(8) for j in range(25)}
+
+
+@pytest.mark.parametrize('arg, overrides, message', [
+    ('convnext_q,smoke', [], 'convnext_q'),                                   # unknown step
+    ('convnext_t,smoke', ['--config.optimiser.base_lr=1'], 'optimiser'),       # unknown key
+    ('convnext_t,smoke', ['--config.batch_size=many'], 'batch_size'),          # wrong type
+    ('convnext_t,smoke', ['--config.model.kernel_size=4'], 'kernel_size'),     # invalid flag
+    ('convnext_t,smoke,data=cifar10', ['--config.data.dir={tmp}/empty'], 'cifar10'),  # no data
+    ('convnext_t,smoke', ['--workdir=/proc/version/run'], 'workdir'),           # unwritable
+    ('convnext_t,smoke,colour=red', [], 'colour'),                             # unknown option
+])
+def test_bad_input_exits_2_without_row(tmp_path, arg, overrides, message):
+  overrides = [o.replace('{tmp}', str(tmp_path)) for o in overrides]
+  res = run_train(str(tmp_path / 'run'), arg, *overrides, check=False)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert message in res.stderr and 'Traceback' not in res.stderr
+  assert len(res.stderr.strip().splitlines()) <= 2, res.stderr
+  assert not os.path.exists(tmp_path / 'steps.csv')
+
+
+def test_nan_loss_exits_2_and_keeps_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  res = run_train(workdir, 'fewer_norms,smoke', '--config.optimizer.base_lr=1e30',
+                  '--config.log_every_steps=2', '--config.checkpoint_every_steps=2', check=False)
+  assert res.returncode == 2 and 'loss became' in res.stderr, res.stderr[-2000:]
+  assert 'Traceback' not in res.stderr
+  assert not os.path.exists(tmp_path / 'steps.csv')
+  ckpt = os.path.join(workdir, 'checkpoints')
+  for d in (os.listdir(ckpt) if os.path.isdir(ckpt) else []):
+    if d.isdigit():
+      _, state = load_numpy(ckpt, int(d))
+      assert all(np.all(np.isfinite(v)) for v in flat(state['params']).values())
