@@ -3,18 +3,31 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+STAMP := $(VENV)/.installed-test
+STAMP_CORE := $(VENV)/.installed-core
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test test-fast data clean
+# The default CPU ladder (README, "The ladder"): Fashion-MNIST at 32x32, model scale 'cpu',
+# 2 seeds, every adopted step.
+LADDER_OUT ?= runs/ladder
+LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,length=0.006
+LADDER_SEEDS ?= 2
+
+.PHONY: venv venv-core test test-fast ladder data clean
 
 venv: $(STAMP)
+venv-core: $(STAMP_CORE)
 
-$(STAMP): setup.py constraints.txt
+$(STAMP_CORE): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[data,plot]'
+	touch $@
+
+# The tests add PyTorch, torchvision and timm (the numerical references).
+$(STAMP): $(STAMP_CORE)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 # Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist package.
@@ -29,6 +42,10 @@ test: venv data
 # Without the PyTorch reference tests.
 test-fast: venv data
 	$(BIN)/python -m pytest tests -q -ra -m 'not torch'
+
+ladder: venv-core data
+	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
+	  --options $(LADDER_OPTIONS) --show
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -53,3 +53,38 @@ def load_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
     tree = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def load_trained_model(workdir: str, step: int | None = None):
+  """The network a run of `experiments.train` left in `workdir`, in eval mode, with its config.
+
+  Returns (model, config dict). Uses WORKDIR/config.json and WORKDIR/checkpoints (the latest step
+  unless `step` is given); the number of classes is read off the checkpoint's head.
+  """
+  import json
+  import os
+
+  from flax import nnx
+
+  from modernize.config import NetConfig
+  from modernize.network import create_model
+
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  _, saved = load_numpy(os.path.join(workdir, 'checkpoints'), step)
+  values = dict(config['model'], depths=tuple(config['model']['depths']),
+                num_classes=saved['params']['head']['fc']['bias']['value'].shape[0])
+  model = create_model(NetConfig.from_dict(values))
+
+  def lookup(tree, path):
+    for key in path:
+      name = getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key)))
+      tree = tree[str(name)]
+    return tree['value'] if isinstance(tree, dict) else tree
+
+  for kind, name in ((nnx.Param, 'params'), (nnx.BatchStat, 'batch_stats')):
+    state = nnx.state(model, kind)
+    nnx.update(model, jax.tree_util.tree_map_with_path(
+        lambda path, _: jax.numpy.asarray(lookup(saved[name], path)), state))
+  model.eval()
+  return model, config

@@ -1,9 +1,15 @@
 """The ladder from the command line.
 
   python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets] [--json]
+  python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side]
+                                   [--options data=...,scale=...] [--set field=value ...]
+  python -m experiments.ladder show --out DIR [--table PATH]
 
 `steps` prints every step's parameters and multiply-accumulates (GMACs, the paper's "FLOPs") at
 224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11).
+`run` trains each (step, seed) of the ladder once through `experiments.train` (finished ones, found
+in DIR/steps.csv, are skipped; an interrupted one resumes). `show` renders DIR/steps.csv as
+DIR/ladder.md and DIR/ladder.png.
 """
 
 from __future__ import annotations
@@ -72,7 +78,37 @@ def main(argv: list[str] | None = None) -> int:
   steps.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
   steps.add_argument('--presets', action='store_true', help='profile the presets instead')
   steps.add_argument('--json', action='store_true', help='print a JSON list')
+  run = sub.add_parser('run', help='train every (step, seed) of the ladder once')
+  run.add_argument('--out', required=True, help='output directory (step table, runs, views)')
+  run.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
+  run.add_argument('--steps', default='', help='comma-separated step names (default: all adopted)')
+  run.add_argument('--side', action='store_true', help='include the side branches (kernel 5/9/11)')
+  run.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1 per step')
+  run.add_argument('--options', default='',
+                   help='config options after the step name, e.g. data=fashion_mnist,scale=cpu')
+  run.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                   help='config override passed as --config.FIELD=VALUE (repeatable)')
+  run.add_argument('--show', action='store_true', help='render the ladder view when done')
+  run.add_argument('--isolate', action='store_true',
+                   help='train each run in its own process (default: all in this one)')
+  view = sub.add_parser('show', help='render the step table as the ladder (table + chart)')
+  view.add_argument('--out', required=True)
+  view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
   args = parser.parse_args(argv)
+
+  if args.command in ('run', 'show'):
+    from experiments import ladder_run, ladder_view  # pylint: disable=import-outside-toplevel
+    from experiments.train import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+    enable_compilation_cache()
+    if args.command == 'run':
+      ladder_run.run(args.out, ladder_name=args.ladder,
+                     steps=[s for s in args.steps.split(',') if s] or None, seeds=args.seeds,
+                     side=args.side, options=args.options, overrides=args.set,
+                     isolate=args.isolate)
+    if args.command == 'show' or args.show:
+      for path in ladder_view.show(args.out, getattr(args, 'table', None)):
+        print(f'wrote {path}')
+    return 0
 
   if args.command == 'steps':
     rows = preset_rows() if args.presets else step_rows(args.ladder)

@@ -129,8 +129,18 @@ def augment_config(config) -> data_lib.AugmentConfig:
     raise UsageError(f'augment: {e}') from None
 
 
+# Fields that do not change what a run computes: left out of its identity.
+_NOT_HASHED = ('step_table', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+_NOT_HASHED_DATA = ('dir', 'threads')
+
+
 def config_hash(config) -> str:
-  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  """Identity of what a run computes (the step table's `config_hash`)."""
+  values = config.to_dict()
+  for key in _NOT_HASHED:
+    values.pop(key, None)
+  values['data'] = {k: v for k, v in values['data'].items() if k not in _NOT_HASHED_DATA}
+  text = json.dumps(values, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -450,8 +460,9 @@ def _parse_flags(argv):
   from ml_collections import config_flags
 
   flag_values = flags.FlagValues()
+  # sys_argv: config_flags registers the --config.FIELD overrides it finds in these arguments.
   config_flags.DEFINE_config_file('config', None, 'configs/ladder.py:STEP[,options]',
-                                  flag_values=flag_values, lock_config=True)
+                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
   flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and config',
                       flag_values=flag_values)
   flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host)',

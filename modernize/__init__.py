@@ -22,10 +22,10 @@ from modernize.network import Network, count_params
 from modernize.presets import PRESETS, preset
 
 
-def from_torch_state_dict(state_dict, arch: str):
+def from_torch_state_dict(state_dict, arch: str, **kwargs):
   """Builds the model `arch` from a PyTorch state dict; see `modernize.convert`."""
   from modernize.convert import from_torch_state_dict as convert  # torch-free import of the package
-  return convert(state_dict, arch)
+  return convert(state_dict, arch, **kwargs)
 
 
 __version__ = '0.1.0'

@@ -20,8 +20,8 @@ def resnet200(**overrides) -> NetConfig:
 
 def _convnext(depths, width, drop_path_rate):
   def preset(**overrides) -> NetConfig:
-    return CONVNEXT_BLOCK.replace(depths=depths, width=width, drop_path_rate=drop_path_rate,
-                                  **overrides)
+    return CONVNEXT_BLOCK.replace(
+        **{'depths': depths, 'width': width, 'drop_path_rate': drop_path_rate, **overrides})
   return preset
 
 

@@ -57,3 +57,8 @@ def test_replace_validates():
 def test_unknown_preset():
   with pytest.raises(ConfigError, match='convnext_huge'):
     preset('convnext_huge')
+
+
+def test_preset_overrides_any_flag():
+  assert preset('convnext_tiny', drop_path_rate=0.0).drop_path_rate == 0.0
+  assert preset('convnext_base', kernel_size=9).width == 128

@@ -1,0 +1,122 @@
+"""`python -m experiments.ladder run`: train every (step, seed) of a ladder once, resumably.
+
+Each run is a separate `python -m experiments.train` process with its workdir at
+OUT/runs/<step>/seed<seed> and the shared step table OUT/steps.csv. A (step, seed) whose row is
+already in the table is skipped; one that was interrupted resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from experiments import steptable
+from experiments.cli import UsageError
+from modernize import ladder as ladders
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, 'configs', 'ladder.py')
+
+
+def plan(ladder_name: str, steps: list[str] | None, seeds: int, side: bool) -> list[tuple[str, int]]:
+  """(step, seed) pairs in ladder order: every adopted step (and side branches with `side`), or
+  exactly `steps`."""
+  ladder = ladders.get_ladder(ladder_name)
+  if steps:
+    for name in steps:
+      ladder.step(name)                      # unknown step: ConfigError naming it
+    names = [n for n in ladder.names() if n in steps]
+  else:
+    names = ladder.names(include_side=side)
+  if seeds < 1:
+    raise UsageError(f'--seeds must be at least 1, got {seeds}')
+  return [(name, seed) for name in names for seed in range(seeds)]
+
+
+def _config_arg(step: str, seed: int, ladder_name: str, options: str) -> str:
+  parts = [step, f'ladder={ladder_name}', f'seed={seed}'] + [o for o in options.split(',') if o]
+  return ','.join(parts)
+
+
+def _expected_key(config_arg: str, overrides: list[str]) -> tuple:
+  """What identifies a finished run in the step table: the hash of the config that
+  `experiments.train` resolves from the same arguments."""
+  from experiments import train  # pylint: disable=import-outside-toplevel
+  config, _ = train._parse_flags(['train', f'--config={CONFIG}:{config_arg}', '--workdir=-',
+                                  *[f'--config.{o}' for o in overrides]])
+  return config.step, config.seed, train.config_hash(config)
+
+
+def _done(table: str) -> set[tuple]:
+  return {(r['step'], int(r['seed']), r['config_hash']) for r in steptable.read_rows(table)}
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def _train_in_process(step, seed, workdir, table, ladder_name, options, overrides):
+  from experiments import train  # pylint: disable=import-outside-toplevel
+  config, _ = train._parse_flags(  # pylint: disable=protected-access
+      ['train', f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
+       f'--workdir={workdir}', f'--config.step_table={table}',
+       *[f'--config.{o}' for o in overrides]])
+  try:
+    train.train_and_evaluate(config, workdir)
+  except (train.TrainingDiverged, train.data_lib.DatasetUnavailable) as e:
+    raise UsageError(f'training {step} seed {seed} failed: {e}') from None
+
+
+def _train_subprocess(step, seed, workdir, table, ladder_name, options, overrides, env):
+  os.makedirs(workdir, exist_ok=True)
+  cmd = [sys.executable, '-m', 'experiments.train',
+         f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
+         f'--workdir={workdir}', f'--config.step_table={table}']
+  cmd += [f'--config.{o}' for o in overrides]
+  with open(os.path.join(workdir, 'train.log'), 'a') as log:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})})
+    log.write(proc.stderr)
+  if proc.returncode != 0:
+    last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or ['(no message)']
+    raise UsageError(f'training {step} seed {seed} failed (exit {proc.returncode}): {last[0]} '
+                     f'(log: {workdir}/train.log)')
+
+
+def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
+        seeds: int = 1, side: bool = False, options: str = '', overrides: list[str] = (),
+        isolate: bool = False, env: dict | None = None) -> int:
+  """Trains what is missing; returns the number of runs trained now. Runs train in this process
+  (one import, one compilation cache), or each in its own process with `isolate`."""
+  pairs = plan(ladder_name, steps, seeds, side)
+  os.makedirs(out, exist_ok=True)
+  table = os.path.join(out, 'steps.csv')
+  keys = {pair: _expected_key(_config_arg(*pair, ladder_name, options), list(overrides))
+          for pair in pairs}
+  todo = [p for p in pairs if keys[p] not in _done(table)]
+  print(f'ladder {ladder_name}: {len(pairs)} runs, {len(pairs) - len(todo)} already in {table}, '
+        f'{len(todo)} to train', flush=True)
+  durations, start = [], time.time()
+  times_file = os.path.join(out, 'run_times.jsonl')
+  for i, (step, seed) in enumerate(todo):
+    eta = ''
+    if durations:
+      eta = f', about {_format_duration(sum(durations) / len(durations) * (len(todo) - i))} left'
+    print(f'[{i + 1}/{len(todo)}] {step} seed {seed} (elapsed '
+          f'{_format_duration(time.time() - start)}{eta})', flush=True)
+    workdir = os.path.join(out, 'runs', step, f'seed{seed}')
+    t0 = time.time()
+    if isolate:
+      _train_subprocess(step, seed, workdir, table, ladder_name, options, overrides, env)
+    else:
+      _train_in_process(step, seed, workdir, table, ladder_name, options, overrides)
+    durations.append(time.time() - t0)
+    with open(times_file, 'a') as f:
+      f.write(json.dumps({'step': step, 'seed': seed, 'seconds': round(durations[-1], 1)}) + '\n')
+  print(f'done: {len(todo)} runs in {_format_duration(time.time() - start)}', flush=True)
+  return len(todo)

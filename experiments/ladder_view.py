@@ -1,0 +1,212 @@
+"""`python -m experiments.ladder show`: the step table as the paper's cumulative ladder.
+
+Rows are grouped into ladders by (ladder, data set, model scale, image size); each becomes a
+Markdown table (OUT/ladder.md, every group) and a chart in the spirit of the paper's Figure 2
+(OUT/ladder.png for the largest group, OUT/ladder_<data>_<scale>_<size>.png for each group when
+there are several).
+
+A step's change from the previous adopted step is marked '~' when it is within the noise: when
+|change| <= 2 x its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% interval), and '?'
+when either step has a single seed, so that no noise estimate exists.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import statistics
+
+from experiments import steptable
+from experiments.cli import UsageError
+from modernize import ladder as ladders
+
+GROUP_COLOURS = {
+    'baseline': '#9e9e9e', 'training recipe': '#8d6e63', 'macro design': '#42a5f5',
+    'ResNeXt': '#66bb6a', 'inverted bottleneck': '#ffa726', 'large kernel': '#ab47bc',
+    'micro design': '#ef5350',
+}
+
+
+def _float(value, default=None):
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return default
+
+
+def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """{(ladder, data, scale, image_size): [one summary per step, in ladder order]}."""
+  groups = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in rows:
+    key = (r.get('ladder') or 'resnet50', r['data'], r['scale'], r['image_size'])
+    groups[key][r['step']].append(r)
+  out = {}
+  for key, by_step in groups.items():
+    ladder = ladders.get_ladder(key[0])
+    known = [s for s in ladder.steps if s.name in by_step]
+    summaries, previous = [], None
+    for step in known:
+      runs = by_step[step.name]
+      top1 = [_float(r['top1']) for r in runs if _float(r['top1']) is not None]
+      s = {
+          'step': step.name, 'label': step.label, 'group': step.group, 'adopted': step.adopted,
+          'index': ladder.names().index(step.name), 'n': len(top1),
+          'top1': statistics.fmean(top1) if top1 else math.nan,
+          'std': statistics.stdev(top1) if len(top1) > 1 else None,
+          'seeds': sorted(int(r['seed']) for r in runs),
+          'params': int(runs[0]['params']), 'gmacs': _float(runs[0]['gmacs']),
+          'img_per_s': statistics.fmean(_float(r['train_img_per_s'], 0.0) for r in runs),
+          'wall_s': statistics.fmean(_float(r['wall_s'], 0.0) for r in runs),
+          'paper_top1': step.paper_top1, 'paper_std': step.paper_top1_std,
+          'paper_gflops': step.paper_gflops, 'delta': None, 'within_noise': None,
+      }
+      if previous is not None and s['n'] and previous['n']:
+        s['delta'] = s['top1'] - previous['top1']
+        if s['std'] is not None and previous['std'] is not None:
+          noise = 2 * math.sqrt(s['std'] ** 2 / s['n'] + previous['std'] ** 2 / previous['n'])
+          s['within_noise'] = abs(s['delta']) <= noise
+      summaries.append(s)
+      if step.adopted:
+        previous = s
+    out[key] = summaries
+  return out
+
+
+def _extra_columns(out: str) -> dict:
+  path = os.path.join(out, 'analysis', 'summary.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def markdown(groups: dict[tuple, list[dict]], extra: dict) -> str:
+  has_cka = any(v.get('cka_prev') is not None for v in extra.values())
+  has_bias = any(v.get('shape_bias') is not None for v in extra.values())
+  lines = []
+  for (ladder, data, scale, size), steps in groups.items():
+    lines += [f'### {ladder} ladder on {data}, scale {scale}, {size}x{size}', '']
+    head = ['#', 'step', 'top-1 (mean ± std, n)', 'Δ prev', 'params', 'GMACs', 'train img/s',
+            'time/run (s)']
+    head += ['CKA to prev'] * has_cka + ['shape bias'] * has_bias
+    head += ['paper top-1', 'paper GFLOPs']
+    lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for s in steps:
+      std = f' ± {s["std"]:.2f}' if s['std'] is not None else ''
+      top1 = f'{s["top1"]:.2f}{std} (n={s["n"]})'
+      delta = ''
+      if s['delta'] is not None:
+        mark = {True: ' ~', False: '', None: ' ?'}[s['within_noise']]
+        delta = f'{s["delta"]:+.2f}{mark}'
+      name = s['step'] + ('' if s['adopted'] else ' (side)')
+      paper = '' if s['paper_top1'] is None else f'{s["paper_top1"]:.2f}'
+      if s['paper_std'] is not None:
+        paper += f' ± {s["paper_std"]:.2f}'
+      row = [str(s['index']), name, top1, delta, f'{s["params"]:,}', f'{s["gmacs"]:.4f}',
+             f'{s["img_per_s"]:.0f}', f'{s["wall_s"]:.0f}']
+      e = extra.get(s['step'], {})
+      if has_cka:
+        row.append('' if e.get('cka_prev') is None else f'{e["cka_prev"]:.3f}')
+      if has_bias:
+        row.append('' if e.get('shape_bias') is None else f'{e["shape_bias"]:.3f}')
+      row += [paper, f'{s["paper_gflops"]:.2f}' if s['paper_gflops'] else '']
+      lines.append('| ' + ' | '.join(row) + ' |')
+    lines += ['', 'Δ prev: change of mean top-1 from the previous adopted step; "~": within the '
+              'noise (|Δ| <= 2 standard errors over seeds); "?": one seed, no noise estimate. '
+              'GMACs at this image size; paper figures are ImageNet-1K at 224x224 (Table 10/11).',
+              '']
+  return '\n'.join(lines)
+
+
+def chart(steps: list[dict], title: str, path: str) -> None:
+  """Figure 2 in spirit: a bar per step, top to bottom, coloured by the paper's groups; ours with
+  error bars and GMACs on the left, the paper's ImageNet top-1 on the right; side branches hatched."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+
+  n = len(steps)
+  fig, (ours, paper) = plt.subplots(1, 2, figsize=(13, 0.42 * n + 1.8), sharey=True,
+                                    gridspec_kw={'width_ratios': [3, 2]})
+  y = list(range(n))[::-1]
+  colours = [GROUP_COLOURS.get(s['group'], '#607d8b') for s in steps]
+  hatches = ['' if s['adopted'] else '//' for s in steps]
+
+  def bars(ax, values, errors, lo):
+    for yi, v, e, c, h in zip(y, values, errors, colours, hatches):
+      if v is None or math.isnan(v):
+        continue
+      ax.barh(yi, v - lo, left=lo, color=c, hatch=h, edgecolor='white' if not h else 'black',
+              xerr=e, error_kw={'ecolor': 'black', 'capsize': 3}, height=0.7)
+
+  ours_vals = [s['top1'] for s in steps]
+  valid = [v for v in ours_vals if not math.isnan(v)] or [0.0]
+  spread = max(max(valid) - min(valid), 1.0)
+  lo = max(0.0, min(valid) - 0.6 * spread)
+  bars(ours, ours_vals, [s['std'] or 0.0 for s in steps], lo)
+  for yi, s in zip(y, steps):
+    if not math.isnan(s['top1']):
+      ours.text(s['top1'] + (s['std'] or 0) + 0.03 * spread, yi,
+                f'{s["top1"]:.1f}  ({s["gmacs"]:.3g} GMACs)', va='center', fontsize=8)
+  ours.set_xlim(lo, max(valid) + 0.9 * spread)
+  ours.set_xlabel('our top-1 (%), mean ± std over seeds')
+  ours.set_yticks(y, [s['label'] + (' (n/a: side)' if False else '') for s in steps], fontsize=9)
+
+  p_vals = [s['paper_top1'] for s in steps]
+  p_valid = [v for v in p_vals if v is not None]
+  if p_valid:
+    plo = min(p_valid) - 1.5
+    bars(paper, [v if v is not None else math.nan for v in p_vals],
+         [s['paper_std'] or 0.0 for s in steps], plo)
+    for yi, s in zip(y, steps):
+      if s['paper_top1'] is not None:
+        paper.text(s['paper_top1'] + 0.15, yi, f'{s["paper_top1"]:.1f}  ({s["paper_gflops"]}G)',
+                   va='center', fontsize=8)
+    paper.set_xlim(plo, max(p_valid) + 1.8)
+  paper.set_xlabel("paper's ImageNet-1K top-1 (%), Table 10")
+  used = []
+  for s in steps:
+    if s['group'] not in used:
+      used.append(s['group'])
+  handles = [Patch(color=GROUP_COLOURS.get(g, '#607d8b'), label=g) for g in used]
+  if any(not s['adopted'] for s in steps):
+    handles.append(Patch(facecolor='white', edgecolor='black', hatch='//', label='not adopted'))
+  fig.legend(handles=handles, loc='lower center', ncol=min(len(handles), 7), fontsize=8,
+             frameon=False)
+  fig.suptitle(title, fontsize=11)
+  fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def show(out: str, table: str | None = None) -> list[str]:
+  """Renders OUT/ladder.md and the chart(s); returns the files written."""
+  table = table or os.path.join(out, 'steps.csv')
+  rows = steptable.read_rows(table)
+  if not rows:
+    raise UsageError(f'no finished runs in {table}: train some first '
+                     f'(python -m experiments.ladder run --out {out})')
+  groups = summarize(rows)
+  extra = _extra_columns(out)
+  os.makedirs(out, exist_ok=True)
+  written = []
+  md = os.path.join(out, 'ladder.md')
+  tmp = md + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(markdown(groups, extra))
+  os.replace(tmp, md)
+  written.append(md)
+  largest = max(groups, key=lambda k: len(groups[k]))
+  for key, steps in groups.items():
+    ladder, data, scale, size = key
+    title = f'{ladder} ladder on {data} (scale {scale}, {size}x{size}): ours vs the paper'
+    names = [os.path.join(out, 'ladder.png')] if key == largest else []
+    if len(groups) > 1:
+      names.append(os.path.join(out, f'ladder_{data}_{scale}_{size}.png'))
+    for path in names:
+      chart(steps, title, path)
+      written.append(path)
+  return written

@@ -1,0 +1,113 @@
+"""The ladder run and view: the whole flow on the smoke option, resume after a kill, rendering."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import ladder_view, steptable
+from modernize import LADDER
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ladder_cmd(*args):
+  return [sys.executable, '-m', 'experiments.ladder', *args]
+
+
+def test_full_ladder_on_smoke(tmp_path):
+  """Every adopted step of the main ladder trains and the view renders its 14 rows."""
+  out = str(tmp_path / 'ladder')
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--show'), cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = steptable.read_rows(os.path.join(out, 'steps.csv'))
+  assert [r['step'] for r in rows] == LADDER.names(include_side=False)
+  md = open(os.path.join(out, 'ladder.md')).read()
+  assert sum(1 for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()) == 14
+  assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
+  # A second run trains nothing.
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke'), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
+  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 14
+
+
+def test_killed_ladder_resumes_without_retraining(tmp_path):
+  out = str(tmp_path / 'ladder')
+  args = ('run', '--out', out, '--options', 'smoke', '--steps',
+          'resnet50,stage_ratio,patchify_stem', '--seeds', '2')
+  proc = subprocess.Popen(ladder_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  table = os.path.join(out, 'steps.csv')
+  deadline = time.time() + 600
+  while time.time() < deadline and len(steptable.read_rows(table)) < 3:
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.1)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  done_before = {(r['step'], r['seed']) for r in steptable.read_rows(table)}
+  assert 3 <= len(done_before) < 6
+  res = subprocess.run(ladder_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert f'{len(done_before)} already in' in res.stdout
+  rows = steptable.read_rows(table)
+  pairs = [(r['step'], r['seed']) for r in rows]
+  assert len(pairs) == len(set(pairs)) == 6           # each (step, seed) exactly once
+  with open(os.path.join(out, 'run_times.jsonl')) as f:
+    trained_after = [json.loads(line) for line in f][len(done_before):]
+  assert {(t['step'], str(t['seed'])) for t in trained_after}.isdisjoint(done_before)
+
+
+def _row(step, seed, top1, data='fashion_mnist', scale='cpu', size=32):
+  return {'ladder': 'resnet50', 'step': step, 'step_index': LADDER.index(step), 'seed': seed,
+          'data': data, 'image_size': size, 'scale': scale, 'params': 1000, 'gmacs': 0.01,
+          'top1': top1, 'top5': 99.0, 'train_img_per_s': 100.0, 'wall_s': 10.0}
+
+
+def test_show_partial_single_seed_and_mixed_tables(tmp_path):
+  table = str(tmp_path / 'steps.csv')
+  rows = [_row('resnet50', 0, 80.0), _row('resnet50', 1, 82.0), _row('stage_ratio', 0, 85.5),
+          _row('stage_ratio', 1, 86.5), _row('convnext_t', 0, 90.25),   # missing steps, 1 seed
+          _row('kernel_9', 0, 88.0),                                     # a side branch
+          _row('resnet50', 0, 70.0, data='cifar10', size=32),            # another data set
+          _row('convnext_t', 0, 75.0, data='cifar10', size=32)]
+  for r in rows:
+    steptable.append_row(table, r)
+  out = str(tmp_path / 'view')
+  res = subprocess.run(ladder_cmd('show', '--out', out, '--table', table), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  md = open(os.path.join(out, 'ladder.md')).read()
+  assert 'fashion_mnist' in md and 'cifar10' in md
+  # The table's numbers are the table file's numbers.
+  assert '| 0 | resnet50 | 81.00 ± 1.41 (n=2) |' in md
+  assert '| 2 | stage_ratio | 86.00 ± 0.71 (n=2) | +5.00 |' in md
+  assert '| 16 | convnext_t | 90.25 (n=1) | +4.25 ? |' in md
+  assert 'kernel_9 (side)' in md
+  for name in ('ladder.png', 'ladder_fashion_mnist_cpu_32.png', 'ladder_cifar10_cpu_32.png'):
+    path = os.path.join(out, name)
+    assert os.path.getsize(path) > 10_000
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_within_noise_marker():
+  rows = [_row('resnet50', 0, 80.0), _row('resnet50', 1, 82.0),
+          _row('stage_ratio', 0, 80.5), _row('stage_ratio', 1, 82.5)]
+  (steps,) = ladder_view.summarize([{k: str(v) for k, v in r.items()} for r in rows]).values()
+  assert steps[1]['delta'] == pytest.approx(0.5) and steps[1]['within_noise'] is True
+
+
+def test_bad_input(tmp_path):
+  for args, message in ((('show', '--out', str(tmp_path)), 'no finished runs'),
+                        (('run', '--out', str(tmp_path), '--steps', 'resnet51'), 'resnet51'),
+                        (('run', '--out', str(tmp_path), '--seeds', '0'), 'seeds')):
+    res = subprocess.run(ladder_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and 'Traceback' not in res.stderr, \
+        res.stderr
