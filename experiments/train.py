@@ -453,6 +453,9 @@ def enable_compilation_cache() -> None:
     return
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  # The depthwise conv's custom_partitioning would otherwise put a per-process pointer into the
+  # cache key of every multi-device program, so that the cache never hits.
+  jax.config.update('jax_remove_custom_partitioning_ptr_from_cache_key', True)
 
 
 def _parse_flags(argv):
