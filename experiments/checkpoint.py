@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 
 class Checkpoints:
@@ -49,10 +50,17 @@ def load_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     step = max(steps)
   path = os.path.join(directory, str(step), 'default')
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(path).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  # orbax warns that the item directory has no step metadata of its own; that is expected here.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(path).item_metadata.tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  return step, state
 
 
 def load_trained_model(workdir: str, step: int | None = None):

@@ -69,6 +69,20 @@ def format_steps(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def markdown_steps(rows: list[dict]) -> str:
+  lines = ['| # | step | params | GMACs | paper GFLOPs | paper top-1 | change |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    top1 = '' if r['paper_top1'] is None else f'{r["paper_top1"]:.2f}'
+    if r.get('paper_top1_std') is not None:
+      top1 += f' ± {r["paper_top1_std"]:.2f}'
+    paper = f'{r["paper_gflops"]:.2f}' + (' *' if r['note'] else '')
+    lines.append(f'| {r["index"]} | `{r["step"]}` | {r["params"]:,} | {r["gmacs"]:.3f} | {paper} '
+                 f'| {top1} | {r["description"]} |')
+  notes = sorted({r['note'] for r in rows if r['note']})
+  return '\n'.join(lines + [''] + [f'\\* {n}' for n in notes])
+
+
 @guarded
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m experiments.ladder', description=__doc__,
@@ -78,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
   steps.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
   steps.add_argument('--presets', action='store_true', help='profile the presets instead')
   steps.add_argument('--json', action='store_true', help='print a JSON list')
+  steps.add_argument('--markdown', action='store_true', help='print a Markdown table')
   run = sub.add_parser('run', help='train every (step, seed) of the ladder once')
   run.add_argument('--out', required=True, help='output directory (step table, runs, views)')
   run.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = preset_rows() if args.presets else step_rows(args.ladder)
     if args.json:
       print(json.dumps(rows, indent=1))
+    elif args.markdown and not args.presets:
+      print(markdown_steps(rows))
     elif args.presets:
       for r in rows:
         print(f'{r["step"]:<16} {r["params"]:>12,d} params {r["gmacs"]:>8.3f} GMACs')

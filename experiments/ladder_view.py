@@ -29,6 +29,10 @@ GROUP_COLOURS = {
 }
 
 
+def _macs(gmacs: float) -> str:
+  return f'{gmacs:.3g} GMACs' if gmacs >= 0.1 else f'{gmacs * 1e3:.3g} MMACs'
+
+
 def _float(value, default=None):
   try:
     return float(value)
@@ -104,8 +108,9 @@ def markdown(groups: dict[tuple, list[dict]], extra: dict) -> str:
       paper = '' if s['paper_top1'] is None else f'{s["paper_top1"]:.2f}'
       if s['paper_std'] is not None:
         paper += f' ± {s["paper_std"]:.2f}'
+      speed = f'{s["img_per_s"]:.0f}' if s['img_per_s'] else '–'   # too short to measure
       row = [str(s['index']), name, top1, delta, f'{s["params"]:,}', f'{s["gmacs"]:.4f}',
-             f'{s["img_per_s"]:.0f}', f'{s["wall_s"]:.0f}']
+             speed, f'{s["wall_s"]:.0f}']
       e = extra.get(s['step'], {})
       if has_cka:
         row.append('' if e.get('cka_prev') is None else f'{e["cka_prev"]:.3f}')
@@ -150,10 +155,10 @@ def chart(steps: list[dict], title: str, path: str) -> None:
   for yi, s in zip(y, steps):
     if not math.isnan(s['top1']):
       ours.text(s['top1'] + (s['std'] or 0) + 0.03 * spread, yi,
-                f'{s["top1"]:.1f}  ({s["gmacs"]:.3g} GMACs)', va='center', fontsize=8)
+                f'{s["top1"]:.1f}  ({_macs(s["gmacs"])})', va='center', fontsize=8)
   ours.set_xlim(lo, max(valid) + 0.9 * spread)
   ours.set_xlabel('our top-1 (%), mean ± std over seeds')
-  ours.set_yticks(y, [s['label'] + (' (n/a: side)' if False else '') for s in steps], fontsize=9)
+  ours.set_yticks(y, [s['label'] for s in steps], fontsize=9)
 
   p_vals = [s['paper_top1'] for s in steps]
   p_valid = [v for v in p_vals if v is not None]

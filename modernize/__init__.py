@@ -2,7 +2,7 @@
 
 Public API:
   NetConfig, ConfigError          one named flag per ladder change (`modernize.config`)
-  Network, count_params           the configurable network (`modernize.network`)
+  Network, create_model, count_params   the configurable network (`modernize.network`)
   LadderBlock, resnet_bottleneck, convnext_block, Stem, Downsample, Head   (`modernize.blocks`)
   LayerNorm, BatchNorm, DropPath, LayerScale                               (`modernize.layers`)
   DepthwiseConv, depthwise_conv2d  a depthwise conv that is fast on CPU too (`modernize.depthwise`)
@@ -18,7 +18,7 @@ from modernize.depthwise import DepthwiseConv, depthwise_conv2d
 from modernize.flops import count_macs
 from modernize.ladder import LADDER, LADDER_200, Ladder, Step, get_ladder
 from modernize.layers import BatchNorm, DropPath, LayerNorm, LayerScale
-from modernize.network import Network, count_params
+from modernize.network import Network, count_params, create_model
 from modernize.presets import PRESETS, preset
 
 
