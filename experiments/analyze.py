@@ -1,0 +1,633 @@
+"""Look inside the ladder: representations (linear CKA), shape bias and error consistency.
+
+  python -m experiments.analyze cka  --out DIR [--steps a,b,...] [--seed N] [--batch-size B]
+  python -m experiments.analyze bias --out DIR [--steps a,b,...] [--seed N] [--batch-size B]
+
+Both read the trained runs DIR/runs/STEP/seedN/ (workdirs of `experiments.train`, as laid out by
+`experiments.ladder run`); by default every step present, in ladder order. Outputs go to
+DIR/analysis/; both commands merge their headline number per step into DIR/analysis/summary.json,
+{step: {"cka_prev": float | null, "shape_bias": float | null}}, which the ladder view reads.
+
+`cka`: minibatch linear CKA with the unbiased HSIC estimator (Nguyen et al. 2021;
+`modernize.analysis`) over the whole test split, between the four stage outputs and the logits of
+every analysed step (same seed), from which come
+  * adjacent pairs: every layer of a step against every layer of its reference step ->
+    cka_<reference>__<step>.png. The reference ("previous step") is the step it is built on: the
+    nearest preceding *adopted* step in the list. Side branches (kernel_5/9/11) are never a
+    reference, so kernel_7 is compared with move_up_depthwise (its 3x3 predecessor) and gelu with
+    kernel_7, not with the side branch kernel_11 printed just before it;
+  * within one model, stage against stage -> cka_within_<step>.png;
+  * the same layer across all steps (step x step) -> cka_steps.png, and CKA to the reference, to the
+    first and to the last step, per stage along the ladder -> cka_along_ladder.png;
+  * cka_prev = the mean over the four stages of CKA to the reference step (null for the first).
+Memory: one minibatch at a time. Each model's jitted forward pass turns its layer outputs into
+centred n x n Gram matrices on the device; the features never leave it. Feature maps are flattened
+whole (spatial layout included, as Kornblith et al. 2019) when H*W*C <= --max-dim (16,384; every map
+of the CPU ladder), otherwise average-pooled over 2x2 windows until they fit. The last, padded test
+batch counts with its true size. All models are held at once (fine for the CPU scales).
+
+`bias`: a cue-conflict set built from the test split (`modernize.analysis.cue_conflict_set`: the
+hole-filled silhouette of image A, class s, filled with a mirror-tiled 8x8 patch of the foreground
+of image B, class t != s; shape classes balanced; --num images, default 2,000, seed --cue-seed),
+preprocessed exactly as the test set. Reports per step the shape bias, accuracy on the shape and on
+the texture labels and test accuracy, and the error consistency (Cohen's kappa, Geirhos et al. 2020)
+of every pair of steps on the ordinary test set. Writes bias.json, shape_bias.png,
+error_consistency.png and cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist,
+cifar); the silhouettes assume objects on a plain background, as in Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+
+from experiments.cli import UsageError, guarded
+
+LAYERS = ('stage1', 'stage2', 'stage3', 'stage4', 'logits')
+NUM_STAGES = 4
+SUMMARY_KEYS = ('cka_prev', 'shape_bias')
+
+
+# --- finding runs ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  step: str
+  seed: int
+  workdir: str
+  config: dict
+
+  @property
+  def data_key(self) -> tuple:
+    d = self.config['data']
+    return d['name'], d.get('dir') or '', int(d['image_size']), int(d['channels'])
+
+
+def _is_run(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, 'checkpoints')
+  return (os.path.isfile(os.path.join(workdir, 'config.json')) and os.path.isdir(ckpt)
+          and any(d.isdigit() for d in os.listdir(ckpt)))
+
+
+def _seeds(step_dir: str) -> list[int]:
+  if not os.path.isdir(step_dir):
+    return []
+  return sorted(int(d[4:]) for d in os.listdir(step_dir)
+                if d.startswith('seed') and d[4:].isdigit() and _is_run(os.path.join(step_dir, d)))
+
+
+def find_runs(out: str, steps: list[str] | None = None, seed: int = 0) -> list[Run]:
+  """The trained runs OUT/runs/STEP/seedSEED, in ladder order; UsageError when there are none."""
+  from modernize import ladder as ladders
+
+  runs_dir = os.path.join(out, 'runs')
+  present = sorted(d for d in (os.listdir(runs_dir) if os.path.isdir(runs_dir) else [])
+                   if _seeds(os.path.join(runs_dir, d)))
+  if not present:
+    raise UsageError(f'no trained runs in {runs_dir} (expected {runs_dir}/STEP/seedN with '
+                     'config.json and checkpoints/)')
+  first = os.path.join(runs_dir, present[0], f'seed{_seeds(os.path.join(runs_dir, present[0]))[0]}')
+  with open(os.path.join(first, 'config.json')) as f:
+    ladder = ladders.get_ladder(json.load(f).get('ladder', 'resnet50'))
+  order = ladder.names()
+  if steps:
+    unknown = [s for s in steps if s not in order]
+    if unknown:
+      raise UsageError(f'unknown step(s) {unknown} of ladder {ladder.name!r}; steps: {order}')
+    if len(set(steps)) != len(steps):
+      raise UsageError(f'--steps names a step twice: {steps}')
+    missing = [s for s in steps if seed not in _seeds(os.path.join(runs_dir, s))]
+    if missing:
+      found = {s: _seeds(os.path.join(runs_dir, s)) for s in missing}
+      raise UsageError(f'no trained run of step(s) {missing} with seed {seed} in {runs_dir} '
+                       f'(seeds found: {found})')
+    chosen = sorted(steps, key=order.index)
+  else:
+    chosen = [s for s in order if seed in _seeds(os.path.join(runs_dir, s))]
+    if not chosen:
+      raise UsageError(f'no trained run with seed {seed} in {runs_dir} (steps present: {present})')
+  runs = []
+  for step in chosen:
+    workdir = os.path.join(runs_dir, step, f'seed{seed}')
+    with open(os.path.join(workdir, 'config.json')) as f:
+      runs.append(Run(step, seed, workdir, json.load(f)))
+  names = {r.config['data']['name'] for r in runs}
+  if len(names) > 1:
+    raise UsageError(f'the runs use different data sets {sorted(names)}; analyse them separately '
+                     'with --steps')
+  return runs
+
+
+def references(steps: list[str], ladder_name: str = 'resnet50') -> dict[str, str | None]:
+  """Each step's reference for "CKA to the previous step": the nearest preceding adopted step.
+
+  Side branches are never a reference (nothing is built on them), so after the kernel sizes the
+  ladder continues from kernel_7, as the network does.
+  """
+  from modernize import ladder as ladders
+
+  ladder = ladders.get_ladder(ladder_name)
+  out, last = {}, None
+  for step in steps:
+    out[step] = last
+    if ladder.step(step).adopted:
+      last = step
+  return out
+
+
+# --- models and data ------------------------------------------------------------------------------
+
+def _progress(iterable=None, **kwargs):
+  from tqdm import tqdm
+  return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+
+
+def load_models(runs: list[Run]) -> list:
+  """(graphdef, state) of every run's trained network, in eval mode."""
+  from flax import nnx
+
+  from experiments.checkpoint import load_trained_model
+
+  models = []
+  for run in _progress(runs, desc='load', unit='model'):
+    model, _ = load_trained_model(run.workdir)
+    models.append(nnx.split(model))
+  return models
+
+
+def _cka_forward(graphdef, max_dim: int):
+  """jit(state, x, mask) -> (Gram matrices (len(LAYERS), n, n), logits) of one network."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from modernize import analysis
+
+  @jax.jit
+  def forward(state, x, mask):
+    model = nnx.merge(graphdef, state)
+    feats = model.features(x)
+    logits = model.head(feats[-1])
+    layers = [analysis.pool_to_size(f, max_dim) for f in feats] + [logits]
+    return jnp.stack([analysis.gram_linear(f, mask) for f in layers]), logits
+
+  return forward
+
+
+def _logits_forward(graphdef):
+  import jax
+  from flax import nnx
+
+  @jax.jit
+  def forward(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  return forward
+
+
+def _feature_dims(graphdef, state, shape, max_dim: int) -> dict[str, int]:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from modernize import analysis
+
+  def dims(state, x):
+    model = nnx.merge(graphdef, state)
+    feats = model.features(x)
+    return [analysis.pool_to_size(f, max_dim) for f in feats] + [model.head(feats[-1])]
+
+  out = jax.eval_shape(dims, state, jax.ShapeDtypeStruct(shape, jnp.float32))
+  return {name: int(np.prod(o.shape[1:])) for name, o in zip(LAYERS, out)}
+
+
+def split_batches(runs: list[Run], batch_size: int) -> Iterator[tuple]:
+  """(images per data key, labels, mask) over the whole test split, one pipeline per input key."""
+  from experiments import data as data_lib
+
+  keys = sorted({r.data_key for r in runs})
+  iterators = [data_lib.eval_batches(name, data_dir=data_dir or None, batch_size=batch_size,
+                                     image_size=size, channels=channels)
+               for name, data_dir, size, channels in keys]
+  for batches in zip(*iterators):
+    yield ({k: b['image'] for k, b in zip(keys, batches)}, batches[0]['label'],
+           batches[0]['mask'])
+
+
+def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:
+  """uint8 images of a small data set -> model inputs, as the test pipeline's eval transform does
+  (resize to image_size, RGB -> luma for 1-channel models, normalise, replicate channels)."""
+  from experiments import augment as aug
+  from experiments import data as data_lib
+
+  name, data_dir, size, channels = data_key
+  spec = data_lib.info(name, data_dir or None)
+  mean, std = np.array(spec.mean, np.float64), np.array(spec.std, np.float64)
+  images = aug.resize(images, size, 1.0)
+  if channels == 1 and images.shape[-1] == 3:
+    images = aug.to_grayscale(images)
+    weights = np.array([0.299, 0.587, 0.114])
+    mean, std = np.array([mean @ weights]), np.array([std @ weights])
+  out = images.astype(np.float32)
+  out *= (1.0 / (255.0 * std)).astype(np.float32)
+  out -= (mean / std).astype(np.float32)
+  if channels == 3 and out.shape[-1] == 1:
+    out = np.repeat(out, 3, axis=-1)
+  return np.ascontiguousarray(out)
+
+
+def _num_test(runs: list[Run]) -> int:
+  from experiments import data as data_lib
+
+  name, data_dir, _, _ = runs[0].data_key
+  return data_lib.info(name, data_dir or None).num_test
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+def _clean(value):
+  """JSON-ready: numpy -> Python, NaN / inf -> None."""
+  if isinstance(value, dict):
+    return {str(k): _clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_clean(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _clean(value.tolist())
+  if isinstance(value, (np.floating, float)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def _write_json(path: str, value) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(_clean(value), f, indent=1, allow_nan=False)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  with open(path, 'a') as f:
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def merge_summary(analysis_dir: str, key: str, values: dict[str, float | None]) -> dict:
+  """Sets `key` (cka_prev or shape_bias) of each step in summary.json, keeping everything else."""
+  if key not in SUMMARY_KEYS:
+    raise ValueError(f'summary keys are {SUMMARY_KEYS}, not {key!r}')
+  path = os.path.join(analysis_dir, 'summary.json')
+  with _locked(os.path.join(analysis_dir, '.summary.lock')):
+    summary = {}
+    if os.path.exists(path):
+      try:
+        with open(path) as f:
+          summary = json.load(f)
+      except (OSError, ValueError):
+        summary = {}
+    for step, value in values.items():
+      entry = summary.get(step) if isinstance(summary.get(step), dict) else {}
+      summary[step] = {k: entry.get(k) for k in SUMMARY_KEYS}
+      summary[step][key] = value
+    _write_json(path, summary)
+  return summary
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _heatmap(ax, matrix, rows, cols, vmin=0.0, vmax=1.0, cmap='magma', fmt='.2f',
+             annotate: bool = True, ylabels: bool = True):
+  m = np.asarray(matrix, np.float64)
+  im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
+  ax.set_xticks(range(len(cols)), cols, rotation=60, ha='right', fontsize=7)
+  ax.set_yticks(range(len(rows)), rows if ylabels else [''] * len(rows), fontsize=7)
+  if annotate:
+    for (i, j), v in np.ndenumerate(m):
+      if np.isfinite(v):
+        bright = (v - vmin) / (vmax - vmin) > 0.6
+        ax.text(j, i, format(v, fmt), ha='center', va='center', fontsize=6,
+                color='black' if bright else 'white')
+  return im
+
+
+def _save_heatmap(path, matrix, rows, cols, title, xlabel, ylabel, **kwargs):
+  plt = _pyplot()
+  size = 2.5 + 0.4 * max(len(rows), len(cols))
+  fig, ax = plt.subplots(figsize=(size + 1.5, size))
+  im = _heatmap(ax, matrix, rows, cols, annotate=max(len(rows), len(cols)) <= 20, **kwargs)
+  ax.set_title(title, fontsize=9)
+  ax.set(xlabel=xlabel, ylabel=ylabel)
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# --- cka ------------------------------------------------------------------------------------------
+
+def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 16384) -> dict:
+  """Minibatch CKA of every layer of every run against every other; writes cka.json and figures."""
+  from modernize import analysis
+
+  analysis_dir = os.path.join(out, 'analysis')
+  os.makedirs(analysis_dir, exist_ok=True)
+  steps = [r.step for r in runs]
+  num_layers = len(LAYERS)
+  start = time.time()
+  models = load_models(runs)
+  forwards = [_cka_forward(g, max_dim) for g, _ in models]
+  dims = {r.step: _feature_dims(g, s, (2, r.data_key[2], r.data_key[2], r.data_key[3]), max_dim)
+          for r, (g, s) in zip(runs, models)}
+  cka = analysis.MinibatchCKA(len(runs) * num_layers)
+  num_examples = 0
+  total = math.ceil(_num_test(runs) / batch_size)
+  import jax.numpy as jnp
+  for images, _, mask in _progress(split_batches(runs, batch_size), total=total, desc='cka',
+                                   unit='batch'):
+    grams = [fwd(state, images[r.data_key], mask)[0]
+             for fwd, (_, state), r in zip(forwards, models, runs)]
+    cka.update_grams(jnp.concatenate(grams), mask=mask)
+    num_examples += int(mask.sum())
+  full = cka.result().reshape(len(runs), num_layers, len(runs), num_layers)
+
+  refs = references(steps, runs[0].config.get('ladder', 'resnet50'))
+  index = {s: i for i, s in enumerate(steps)}
+  pairs, to_previous, cka_prev = [], {}, {}
+  for step in steps:
+    ref = refs[step]
+    if ref is None:
+      to_previous[step], cka_prev[step] = None, None
+      continue
+    matrix = full[index[ref], :, index[step], :]
+    pairs.append({'a': ref, 'b': step, 'matrix': matrix})
+    to_previous[step] = {layer: matrix[l, l] for l, layer in enumerate(LAYERS)}
+    cka_prev[step] = float(np.mean(np.diag(matrix)[:NUM_STAGES]))
+  within = {s: full[i, :, i, :] for s, i in index.items()}
+  per_layer = {layer: full[:, l, :, l] for l, layer in enumerate(LAYERS)}
+  result = {
+      'estimator': 'minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021)',
+      'data': runs[0].config['data']['name'], 'seed': runs[0].seed, 'steps': steps,
+      'layers': list(LAYERS), 'num_examples': num_examples, 'batch_size': batch_size,
+      'num_batches': cka.batches, 'max_dim': max_dim, 'feature_dims': dims,
+      'reference': refs, 'pairs': pairs, 'within': within, 'per_layer': per_layer,
+      'to_previous': to_previous, 'cka_prev': cka_prev,
+      'to_first': {s: {layer: full[0, l, i, l] for l, layer in enumerate(LAYERS)}
+                   for s, i in index.items()},
+      'to_last': {s: {layer: full[-1, l, i, l] for l, layer in enumerate(LAYERS)}
+                  for s, i in index.items()},
+  }
+  _write_json(os.path.join(analysis_dir, 'cka.json'), result)
+  _plot_cka(analysis_dir, result)
+  merge_summary(analysis_dir, 'cka_prev', cka_prev)
+  result['seconds'] = time.time() - start
+  return result
+
+
+def _plot_cka(analysis_dir: str, result: dict) -> None:
+  layers, steps = result['layers'], result['steps']
+  for pair in result['pairs']:
+    _save_heatmap(os.path.join(analysis_dir, f'cka_{pair["a"]}__{pair["b"]}.png'), pair['matrix'],
+                  layers, layers, f'linear CKA: {pair["a"]} vs {pair["b"]}', pair['b'], pair['a'])
+  for step, matrix in result['within'].items():
+    _save_heatmap(os.path.join(analysis_dir, f'cka_within_{step}.png'), matrix, layers, layers,
+                  f'linear CKA within {step}', 'layer', 'layer')
+  plt = _pyplot()
+  # The same layer across every pair of steps.
+  cols = 3
+  rows = math.ceil(len(layers) / cols)
+  side = max(3.0, 0.32 * len(steps) + 1.5)
+  fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 1.5, (side + 1.2) * rows),
+                           squeeze=False, layout='constrained')
+  for k, ax in enumerate(axes.flat):
+    if k >= len(layers):
+      ax.axis('off')
+      continue
+    im = _heatmap(ax, result['per_layer'][layers[k]], steps, steps, fmt='.1f',
+                  annotate=len(steps) <= 8, ylabels=k % cols == 0)
+    ax.set_title(layers[k], fontsize=9)
+  fig.colorbar(im, ax=axes, fraction=0.02)
+  fig.suptitle('linear CKA between steps, layer by layer')
+  fig.savefig(os.path.join(analysis_dir, 'cka_steps.png'), dpi=110, bbox_inches='tight')
+  plt.close(fig)
+  # Along the ladder, per stage.
+  x = np.arange(len(steps))
+  panels = (('to_previous', 'CKA to the previous (reference) step'),
+            ('to_first', f'CKA to {steps[0]}'), ('to_last', f'CKA to {steps[-1]}'))
+  fig, axes = plt.subplots(3, 1, figsize=(max(7, 0.45 * len(steps) + 3), 9), sharex=True,
+                           sharey=True, layout='constrained')
+  for ax, (key, title) in zip(axes, panels):
+    for layer in layers:
+      y = [np.nan if result[key][s] is None else result[key][s][layer] for s in steps]
+      ax.plot(x, np.asarray(y, np.float64), marker='o', ms=3,
+              ls='--' if layer == 'logits' else '-', label=layer)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel('linear CKA')
+    ax.grid(alpha=0.3)
+  axes[-1].set_xticks(x, steps, rotation=60, ha='right', fontsize=7)
+  axes[0].legend(fontsize=7, ncol=len(layers))
+  fig.savefig(os.path.join(analysis_dir, 'cka_along_ladder.png'), dpi=110)
+  plt.close(fig)
+
+
+# --- bias -----------------------------------------------------------------------------------------
+
+def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    yield chunk, n
+
+
+def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 2000,
+             cue_seed: int = 0) -> dict:
+  """Shape bias on a cue-conflict set and pairwise error consistency on the test set."""
+  from experiments import data as data_lib
+  from modernize import analysis
+
+  analysis_dir = os.path.join(out, 'analysis')
+  os.makedirs(analysis_dir, exist_ok=True)
+  steps = [r.step for r in runs]
+  start = time.time()
+  name, data_dir, _, _ = runs[0].data_key
+  if data_lib.info(name, data_dir or None).large:
+    raise UsageError(f'bias needs a data set held in memory (fashion_mnist, cifar10, cifar100), '
+                     f'not {name}')
+  raw, raw_labels = data_lib.load_arrays(name, 'test', data_dir or None)
+  cue = analysis.cue_conflict_set(raw, raw_labels, num=num, seed=cue_seed)
+  _plot_examples(os.path.join(analysis_dir, 'cue_conflict_examples.png'), cue)
+
+  models = load_models(runs)
+  forwards = [_logits_forward(g) for g, _ in models]
+  # The ordinary test set: every model on each batch.
+  correct = [[] for _ in runs]
+  total = math.ceil(_num_test(runs) / batch_size)
+  for images, labels, mask in _progress(split_batches(runs, batch_size), total=total,
+                                        desc='test', unit='batch'):
+    for i, (fwd, (_, state), r) in enumerate(zip(forwards, models, runs)):
+      pred = np.asarray(fwd(state, images[r.data_key])).argmax(-1)
+      correct[i].append((pred == labels)[mask])
+  correct = [np.concatenate(c) for c in correct]
+  # The cue-conflict set.
+  inputs = {k: preprocess(cue.image, k) for k in sorted({r.data_key for r in runs})}
+  preds = [[] for _ in runs]
+  for key, x in inputs.items():
+    for chunk, n in _progress(_padded_batches(x, batch_size), total=math.ceil(num / batch_size),
+                              desc='cue-conflict', unit='batch'):
+      for i, (fwd, (_, state), r) in enumerate(zip(forwards, models, runs)):
+        if r.data_key == key:
+          preds[i].append(np.asarray(fwd(state, chunk)).argmax(-1)[:n])
+  results = {r.step: analysis.shape_bias(np.concatenate(p), cue.shape_label, cue.texture_label)
+             for r, p in zip(runs, preds)}
+  kappa = analysis.error_consistency_matrix(correct)
+  result = {
+      'data': name, 'seed': runs[0].seed, 'steps': steps, 'num_test': int(len(correct[0])),
+      'test_accuracy': {s: float(c.mean()) for s, c in zip(steps, correct)},
+      'cue_conflict': {
+          'num': num, 'seed': cue_seed, 'patch_size': cue.patch_size,
+          'method': 'silhouette of test image A (class s, hole-filled foreground) filled with a '
+                    'mirror-tiled patch of the foreground of test image B (class t != s); '
+                    'shape label s, texture label t; shape classes balanced',
+          'shape_label_counts': np.bincount(cue.shape_label).tolist(),
+          'texture_label_counts': np.bincount(cue.texture_label).tolist()},
+      'shape_bias': {s: b.to_dict() for s, b in results.items()},
+      'error_consistency': {'steps': steps, 'kappa': kappa},
+  }
+  _write_json(os.path.join(analysis_dir, 'bias.json'), result)
+  _save_heatmap(os.path.join(analysis_dir, 'error_consistency.png'), kappa, steps, steps,
+                'error consistency (kappa), test set', 'step', 'step',
+                vmin=-0.2, vmax=1.0, cmap='viridis')
+  _plot_shape_bias(os.path.join(analysis_dir, 'shape_bias.png'), result)
+  merge_summary(analysis_dir, 'shape_bias', {s: b.shape_bias for s, b in results.items()})
+  result['seconds'] = time.time() - start
+  return result
+
+
+def _plot_examples(path: str, cue, count: int = 24) -> None:
+  plt = _pyplot()
+  cols = 8
+  rows = math.ceil(min(count, len(cue.image)) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows))
+  for i, ax in enumerate(np.atleast_1d(axes).flat):
+    ax.axis('off')
+    if i < len(cue.image):
+      image = cue.image[i]
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
+      ax.set_title(f'shape {cue.shape_label[i]} / tex {cue.texture_label[i]}', fontsize=7)
+  fig.suptitle('cue-conflict images (labels: shape class / texture class)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_shape_bias(path: str, result: dict) -> None:
+  plt = _pyplot()
+  steps = result['steps']
+  x = np.arange(len(steps))
+  sb = [result['shape_bias'][s] for s in steps]
+  fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(steps) + 2), 4))
+  ax.bar(x, [np.nan if b['shape_bias'] is None else b['shape_bias'] for b in sb], color='tab:blue',
+         label='shape bias')
+  ax.plot(x, [b['shape_accuracy'] for b in sb], 'o', color='tab:orange', label='shape accuracy')
+  ax.plot(x, [b['texture_accuracy'] for b in sb], 's', color='tab:green', label='texture accuracy')
+  ax.axhline(0.5, color='gray', lw=0.8, ls=':')
+  ax.set_xticks(x, steps, rotation=60, ha='right', fontsize=7)
+  ax.set(ylim=(0, 1), ylabel='fraction', title='shape bias on cue-conflict images')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f'{value} is not positive')
+  return value
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2, as every command of the suite
+    raise UsageError(message)
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+  parser = _Parser(prog='python -m experiments.analyze', description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
+  for command, help_text in (('cka', 'linear CKA between steps and stages'),
+                             ('bias', 'shape bias and error consistency')):
+    p = sub.add_parser(command, help=help_text)
+    p.add_argument('--out', required=True, help='the ladder directory (with runs/)')
+    p.add_argument('--steps', default='', help='comma-separated steps (default: every one present)')
+    p.add_argument('--seed', type=int, default=0, help='which seed\'s runs (default 0)')
+    p.add_argument('--batch-size', type=_positive, default=256)
+    if command == 'cka':
+      p.add_argument('--max-dim', type=_positive, default=16384,
+                     help='feature maps larger than this are 2x2-average-pooled until they fit')
+    else:
+      p.add_argument('--num', type=_positive, default=2000, help='cue-conflict images')
+      p.add_argument('--cue-seed', type=int, default=0, help='seed of the cue-conflict set')
+  args = parser.parse_args(argv)
+  try:  # orbax's notes on restoring checkpoints are noise here
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+  if not os.path.isdir(args.out):
+    raise UsageError(f'--out {args.out!r} is not a directory')
+  steps = [s.strip() for s in args.steps.split(',') if s.strip()]
+  runs = find_runs(args.out, steps or None, args.seed)
+  if args.command == 'cka':
+    if args.batch_size < 4:
+      raise UsageError('--batch-size must be at least 4 for the unbiased CKA estimator')
+    result = run_cka(args.out, runs, batch_size=args.batch_size, max_dim=args.max_dim)
+    for step in result['steps']:
+      value = result['cka_prev'][step]
+      ref = result['reference'][step]
+      print(f'{step:<22} ' + (f'CKA to {ref}: {value:.3f}' if value is not None else '-'))
+  else:
+    result = run_bias(args.out, runs, batch_size=args.batch_size, num=args.num,
+                      cue_seed=args.cue_seed)
+    for step in result['steps']:
+      b = result['shape_bias'][step]
+      bias = '  nan' if b['shape_bias'] is None or not math.isfinite(b['shape_bias']) else \
+          f'{b["shape_bias"]:.3f}'
+      print(f'{step:<22} test top-1 {100 * result["test_accuracy"][step]:5.1f}%  shape bias '
+            f'{bias}  (shape {100 * b["shape_accuracy"]:.1f}%, texture '
+            f'{100 * b["texture_accuracy"]:.1f}%)')
+  print(f'{args.command}: {len(runs)} step(s) in {result["seconds"]:.0f} s -> '
+        f'{os.path.join(args.out, "analysis")}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
