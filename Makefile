@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The default CPU ladder (README, "The ladder"): Fashion-MNIST at 32x32, model scale 'cpu',
 # 2 seeds, every adopted step.
 LADDER_OUT ?= runs/ladder
-LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,length=0.006
+LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,length=0.004
 LADDER_SEEDS ?= 2
 
 .PHONY: venv venv-core test test-fast ladder data clean
