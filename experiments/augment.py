@@ -489,31 +489,29 @@ def rotate(x: np.ndarray, degrees, fill) -> np.ndarray:
                              sin, cos, cy - sin * cx - cos * cy), fill)
 
 
-def shear_x(x: np.ndarray, shear, fill) -> np.ndarray:
+def _per_image(x: np.ndarray, value):
+  """A scalar or per-image value as float64 (N,), with ones and zeros for the other matrix slots."""
   n = len(x)
-  s = np.broadcast_to(np.asarray(shear, np.float64), (n,))
-  one, zero = np.ones(n), np.zeros(n)
+  return np.broadcast_to(np.asarray(value, np.float64), (n,)), np.ones(n), np.zeros(n)
+
+
+def shear_x(x: np.ndarray, shear, fill) -> np.ndarray:
+  s, one, zero = _per_image(x, shear)
   return affine(x, _matrices(one, s, zero, zero, one, zero), fill)
 
 
 def shear_y(x: np.ndarray, shear, fill) -> np.ndarray:
-  n = len(x)
-  s = np.broadcast_to(np.asarray(shear, np.float64), (n,))
-  one, zero = np.ones(n), np.zeros(n)
+  s, one, zero = _per_image(x, shear)
   return affine(x, _matrices(one, zero, zero, s, one, zero), fill)
 
 
 def translate_x(x: np.ndarray, pixels, fill) -> np.ndarray:
-  n = len(x)
-  p = np.broadcast_to(np.asarray(pixels, np.float64), (n,))
-  one, zero = np.ones(n), np.zeros(n)
+  p, one, zero = _per_image(x, pixels)
   return affine(x, _matrices(one, zero, p, zero, one, zero), fill)
 
 
 def translate_y(x: np.ndarray, pixels, fill) -> np.ndarray:
-  n = len(x)
-  p = np.broadcast_to(np.asarray(pixels, np.float64), (n,))
-  one, zero = np.ones(n), np.zeros(n)
+  p, one, zero = _per_image(x, pixels)
   return affine(x, _matrices(one, zero, zero, zero, one, p), fill)
 
 

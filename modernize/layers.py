@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from modernize.conv import conv_fn
 from modernize.depthwise import DepthwiseConv
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -54,7 +55,8 @@ def conv(in_dim: int, out_dim: int, kernel_size: int, *, stride: int = 1, groups
 
   flax's default 'SAME' padding is asymmetric for stride 2 on even inputs and would shift ResNet's
   7x7/2 stem and 3x3/2 convs by a pixel against PyTorch. Depthwise convs (groups = channels) go to
-  `DepthwiseConv`, which is fast on CPU too.
+  `DepthwiseConv`, which is fast on CPU too; the others run through `modernize.conv` (XLA's conv
+  on GPU/TPU, a per-shape mix of XLA's conv and matmuls on CPU; `$MODERNIZE_CONV_IMPL` overrides).
   """
   pad = kernel_size // 2 if padding is None else padding
   if groups == in_dim == out_dim and groups > 1:
@@ -62,7 +64,8 @@ def conv(in_dim: int, out_dim: int, kernel_size: int, *, stride: int = 1, groups
                          kernel_init=conv_init(init), impl=depthwise_impl, rngs=rngs)
   return nnx.Conv(in_dim, out_dim, (kernel_size, kernel_size), strides=(stride, stride),
                   padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
-                  kernel_init=conv_init(init), bias_init=nnx.initializers.zeros, rngs=rngs)
+                  kernel_init=conv_init(init), bias_init=nnx.initializers.zeros,
+                  conv_general_dilated=conv_fn('auto'), rngs=rngs)
 
 
 def linear(in_dim: int, out_dim: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:
