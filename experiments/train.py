@@ -275,6 +275,17 @@ def _global_batch(local: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
+  """The losses of the steps up to `done` (host values), or TrainingDiverged at the first bad one."""
+  losses = np.asarray(jax.device_get(window))
+  bad = ~np.isfinite(losses)
+  if bad.any():
+    first = int(np.argmax(bad))
+    raise TrainingDiverged(f'loss became {losses[first]} at step {done - len(losses) + first + 1}; '
+                           f'the last good checkpoint is kept in {workdir}/checkpoints')
+  return losses
+
+
 class _Progress:
   """A tqdm bar on a terminal (process 0 only); silent otherwise (the metrics file has it all)."""
 
@@ -372,11 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.update()
       done = step + 1
       if done % config.log_every_steps == 0 or done == total:
-        losses = np.asarray(jax.device_get(window_loss))   # the only host sync between logs
-        if not np.all(np.isfinite(losses)):
-          raise TrainingDiverged(f'loss became {losses[~np.isfinite(losses)][0]} at step '
-                                 f'{step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))}; '
-                                 f'the last good checkpoint is kept in {workdir}/checkpoints')
+        losses = _finite_losses(window_loss, done, workdir)   # the only host sync between logs
         elapsed = time.time() - window_start
         last_loss = float(losses.mean())
         if not first_window:
@@ -391,11 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.show(loss=f'{last_loss:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_s:.0f}')
         window_loss, window_start, window_steps = [], time.time(), 0
       if done % config.checkpoint_every_steps == 0 or done == total or preempted:
-        if window_loss:   # never save a state whose loss is not known to be finite
-          losses = np.asarray(jax.device_get(window_loss))
-          if not np.all(np.isfinite(losses)):
-            raise TrainingDiverged(f'loss became non-finite before step {done}; the last good '
-                                   f'checkpoint is kept in {workdir}/checkpoints')
+        _finite_losses(window_loss, done, workdir)   # never save a state that diverged
         checkpoints.save(done, state, wait=bool(preempted) or done == total)
         if preempted:
           raise Preempted()
