@@ -41,13 +41,18 @@ def _config_arg(step: str, seed: int, ladder_name: str, options: str) -> str:
   return ','.join(parts)
 
 
-def _expected_key(config_arg: str, overrides: list[str]) -> tuple:
-  """What identifies a finished run in the step table: the hash of the config that
-  `experiments.train` resolves from the same arguments."""
+def _resolve(config_arg: str, overrides: list[str]):
+  """The config `experiments.train` resolves from the same arguments."""
   from experiments import train  # pylint: disable=import-outside-toplevel
   config, _ = train._parse_flags(['train', f'--config={CONFIG}:{config_arg}', '--workdir=-',
                                   *[f'--config.{o}' for o in overrides]])
-  return config.step, config.seed, train.config_hash(config)
+  return config
+
+
+def _key(config) -> tuple:
+  """What identifies a finished run in the step table."""
+  from experiments.train import config_hash  # pylint: disable=import-outside-toplevel
+  return config.step, config.seed, config_hash(config)
 
 
 def _done(table: str) -> set[tuple]:
@@ -96,9 +101,11 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   pairs = plan(ladder_name, steps, seeds, side)
   os.makedirs(out, exist_ok=True)
   table = os.path.join(out, 'steps.csv')
-  keys = {pair: _expected_key(_config_arg(*pair, ladder_name, options), list(overrides))
-          for pair in pairs}
-  todo = [p for p in pairs if keys[p] not in _done(table)]
+  configs = {pair: _resolve(_config_arg(*pair, ladder_name, options), list(overrides))
+             for pair in pairs}
+  todo = [p for p in pairs if _key(configs[p]) not in _done(table)]
+  # Time left is estimated per epoch of training (the original recipe's runs are shorter).
+  work = {p: configs[p].epochs for p in todo}
   print(f'ladder {ladder_name}: {len(pairs)} runs, {len(pairs) - len(todo)} already in {table}, '
         f'{len(todo)} to train', flush=True)
   durations, start = [], time.time()
@@ -106,7 +113,8 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   for i, (step, seed) in enumerate(todo):
     eta = ''
     if durations:
-      eta = f', about {_format_duration(sum(durations) / len(durations) * (len(todo) - i))} left'
+      per_epoch = sum(durations) / sum(work[p] for p in todo[:i])
+      eta = f', about {_format_duration(per_epoch * sum(work[p] for p in todo[i:]))} left'
     print(f'[{i + 1}/{len(todo)}] {step} seed {seed} (elapsed '
           f'{_format_duration(time.time() - start)}{eta})', flush=True)
     workdir = os.path.join(out, 'runs', step, f'seed{seed}')
