@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.command in ('run', 'show'):
     from experiments import ladder_run, ladder_view  # pylint: disable=import-outside-toplevel
-    from experiments.train import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+    from experiments.train import enable_compilation_cache, quiet_libraries  # pylint: disable=import-outside-toplevel
+    quiet_libraries()
     enable_compilation_cache()
     if args.command == 'run':
       ladder_run.run(args.out, ladder_name=args.ladder,

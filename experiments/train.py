@@ -447,6 +447,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 # --- command line ---------------------------------------------------------------------------------
 
+def quiet_libraries() -> None:
+  """Orbax reports routine events (e.g. a save waiting for the previous one) as absl warnings;
+  the command lines show errors only."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def enable_compilation_cache() -> None:
   """Reuses compiled train steps across runs (seeds of one step, resumed runs): a step's compile
   takes 5-30 s on a small CPU. Off with MODERNIZE_COMPILATION_CACHE=0."""
@@ -498,6 +505,7 @@ def main(argv=None) -> int:
   from experiments.cli import EXPECTED
 
   argv = list(sys.argv if argv is None else argv)
+  quiet_libraries()
   enable_compilation_cache()
   try:
     config, flag_values = _parse_flags(argv)
