@@ -21,21 +21,22 @@ def ladder_cmd(*args):
 
 
 def test_full_ladder_on_smoke(tmp_path):
-  """Every adopted step of the main ladder trains and the view renders its 14 rows."""
+  """Every step of the main ladder, side branches included, trains and the view renders it."""
   out = str(tmp_path / 'ladder')
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--show'), cwd=ROOT,
-                       capture_output=True, text=True, timeout=1200)
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side', '--show'),
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = steptable.read_rows(os.path.join(out, 'steps.csv'))
-  assert [r['step'] for r in rows] == LADDER.names(include_side=False)
+  assert [r['step'] for r in rows] == LADDER.names()
   md = open(os.path.join(out, 'ladder.md')).read()
-  assert sum(1 for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()) == 14
+  table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
+  assert len(table_rows) == 17 and sum('(side)' in line for line in table_rows) == 3
   assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
   # A second run trains nothing.
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke'), cwd=ROOT,
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side'), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
-  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 14
+  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 17
 
 
 def test_killed_ladder_resumes_without_retraining(tmp_path):
