@@ -177,7 +177,10 @@ def create_state(config, cfg: NetConfig, tx, sharding=None):
   def init():
     _, params, batch_stats, constants = nnx.split(build(), nnx.Param, nnx.BatchStat, ...)
     state = {'params': params, 'batch_stats': batch_stats, 'opt': tx.init(params),
-             'step': jnp.zeros((), jnp.int32)}
+             'step': jnp.zeros((), jnp.int32),
+             # The seed travels as data, not as a constant of the compiled step, so that runs
+             # differing only in their seed share one compiled program (and its cache entry).
+             'seed': jnp.asarray(config.seed, jnp.uint32)}
     if config.ema_decay > 0:
       state['ema'] = jax.tree.map(jnp.copy, params)
     return constants, state
@@ -191,11 +194,10 @@ def create_state(config, cfg: NetConfig, tx, sharding=None):
 
 def make_train_step(config, graphdef, constants, tx, lr, num_classes):
   a = config.augment
-  base_key = jax.random.key(config.seed)
 
   def train_step(state, batch):
     step = state['step']
-    key = jax.random.fold_in(base_key, step)
+    key = jax.random.fold_in(jax.random.key(state['seed']), step)
     mix_key, drop_key = jax.random.split(key)
     images, targets = mixing.mix(
         mix_key, batch['image'], batch['label'], num_classes=num_classes,
@@ -214,7 +216,8 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes):
         state['params'], state['batch_stats'])
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    new = {'params': params, 'batch_stats': batch_stats, 'opt': opt, 'step': step + 1}
+    new = {'params': params, 'batch_stats': batch_stats, 'opt': opt, 'step': step + 1,
+           'seed': state['seed']}
     if 'ema' in state:
       new['ema'] = optax.incremental_update(params, state['ema'], 1.0 - config.ema_decay)
     metrics = {'loss': loss, 'lr': lr(step)}
