@@ -49,7 +49,7 @@ def load_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     step = max(steps)
-  path = os.path.join(directory, str(step), 'default')
+  path = os.path.join(os.path.abspath(directory), str(step), 'default')   # orbax wants absolute
   # orbax warns that the item directory has no step metadata of its own; that is expected here.
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import steptable
-from experiments.checkpoint import load_numpy
+from experiments.checkpoint import load_numpy, load_trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +45,7 @@ def flat(tree, prefix=''):
   return {prefix: np.asarray(tree)}
 
 
-def test_smoke_run_appends_a_row(tmp_path):
+def test_smoke_run_appends_a_row(tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
   start = time.time()
   res = run_train(str(workdir), 'convnext_t,smoke')
@@ -61,6 +61,11 @@ def test_smoke_run_appends_a_row(tmp_path):
   assert len(lines) >= 2 and '"train_loss"' in lines[0]
   assert '"top1"' in res.stdout
   print(f'smoke convnext_t: {elapsed:.1f} s')
+  # The trained network loads back, from a relative workdir too.
+  monkeypatch.chdir(tmp_path)
+  model, config = load_trained_model('run')
+  assert config['step'] == 'convnext_t'
+  assert model(np.zeros((2, 32, 32, 1), np.float32)).shape == (2, 10)
 
 
 def test_original_recipe_step_runs(tmp_path):
@@ -169,7 +174,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
 APPENDER = r'''
 import sys
 from experiments import steptable
-from experiments.checkpoint import load_numpy
+from experiments.checkpoint import load_numpy, load_trained_model
 i = int(sys.argv[2])
 for j in range(25):
   steptable.append_row(sys.argv[1], {'step': f'step,"{i}"', 'seed': j, 'top1': 1.5 * i,
