@@ -6,6 +6,7 @@ arithmetic matches PyTorch's (two-pass variance; BatchNorm's running variance is
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -77,6 +78,72 @@ def linear(in_dim: int, out_dim: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linea
 
 
 # --- normalisation --------------------------------------------------------------------------------
+# Train-mode BatchNorm and LayerNorm have hand-written VJPs: the textbook gradients in one reduction
+# pass and one elementwise pass, which XLA:CPU runs 1.5-1.9x faster than the autodiff of the
+# two-pass forward (measured fwd + bwd of BN + ReLU at 32x16x16x256: 5.3 -> 3.0 ms). Same maths,
+# float32 rounding differs (tests/test_fastpaths.py).
+
+def _bn_stats(x, axes):
+  mean = x.mean(axes)
+  var = jnp.square(x - mean).mean(axes)
+  return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, eps):
+  """(scale * (x - mean) / sqrt(var + eps) + bias, mean, var) with batch statistics over all axes
+  but the last (two-pass variance, as PyTorch)."""
+  return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+  mean, var = _bn_stats(x, tuple(range(x.ndim - 1)))
+  rstd = jax.lax.rsqrt(var + eps)
+  return ((x - mean) * (rstd * scale) + bias, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_bwd(eps, res, cts):
+  x, mean, rstd, scale = res
+  gy, gmean, gvar = cts
+  axes = tuple(range(x.ndim - 1))
+  n = math.prod(x.shape[:-1])
+  xc = x - mean
+  xhat = xc * rstd
+  dbias = gy.sum(axes)
+  dscale = (gy * xhat).sum(axes)
+  dx = (rstd * scale / n) * (n * gy - dbias - xhat * dscale)
+  # The statistics are outputs too (for the running averages); their cotangents are usually zero.
+  dx = dx + gmean / n + xc * (gvar * (2.0 / n))
+  return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps):
+  """scale * (x - mean) / sqrt(var + eps) + bias over the last axis (two-pass variance)."""
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  mean = x.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
+  return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, gy):
+  x, mean, rstd, scale = res
+  axes = tuple(range(x.ndim - 1))
+  xhat = (x - mean) * rstd
+  gxhat = gy * scale
+  dx = rstd * (gxhat - gxhat.mean(-1, keepdims=True)
+               - xhat * (gxhat * xhat).mean(-1, keepdims=True))
+  return dx, (gy * xhat).sum(axes), gy.sum(axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
 
 class LayerNorm(nnx.Module):
   """LayerNorm over the last (channel) axis, eps 1e-6 as ConvNeXt (both its channels_first and
@@ -88,9 +155,7 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
 
   def __call__(self, x):
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class BatchNorm(nnx.Module):
@@ -114,16 +179,14 @@ class BatchNorm(nnx.Module):
   def __call__(self, x):
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = x.mean(axes)
-      var = jnp.square(x - mean).mean(axes)
-      n = math.prod(x.shape[:-1])
-      unbiased = var * (n / max(n - 1, 1))
-      m = self.momentum
-      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+      return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
+    n = math.prod(x.shape[:-1])
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+    self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    return y
 
 
 def norm(kind: str, dim: int) -> LayerNorm | BatchNorm:
