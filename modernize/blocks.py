@@ -134,9 +134,8 @@ class Stem(nnx.Module):
     x = self.norm(self.conv(x))
     if self.kind == 'resnet':
       x = layers.activation(self.activation)(x)
-      # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf.
-      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                ((0, 0), (1, 1), (1, 1), (0, 0)))
+      # PyTorch's MaxPool2d(3, 2, padding=1), which pads with -inf.
+      x = layers.max_pool(x, 3, 2, 1)
     return x
 
 

@@ -1,9 +1,10 @@
 """Dense 2-D convolution that is fast on XLA:CPU as well as on GPU/TPU.
 
-XLA:CPU runs some convolutions of a small-image training step badly: a 3x3 conv on a 2x2 map with
-512 channels takes ~1 s forward (XLA swaps batch and features and runs a 2x2-window conv over
-them), the weight gradient of a 1x1 conv is 4x slower than the matmul it is, and the input
-gradient of a 3x3/2 conv on a 4x4 map takes half a second. A conv is a matmul over patches, so
+XLA:CPU runs some convolutions of a small-image training step badly (measured at batch 32 on a
+2-core AVX-512 Xeon, jax 0.10): a 3x3 conv 512 -> 512 on a 2x2 map takes 0.8-1.3 s forward and as
+long for its input gradient (XLA swaps batch and features and runs a 2x2-window conv over them;
+as a matmul: 6 ms), the input gradient of a 3x3/2 conv on a 4x4x512 map 0.2-0.8 s (5 ms), and the
+kernel gradient of a 1x1 conv is 3-6x slower than the matmul it is. A conv is a matmul over patches, so
 this module computes the same operation
 
     y[n, i, j, o] = sum_{a, b, c} x[n, i*s - p + a, j*s - p + b, c] * kernel[a, b, c, o]
@@ -67,10 +68,12 @@ def out_size(n: int, k: int, s: int, p: int) -> int:
 def plan(x_shape, kernel_shape, stride: int, padding: int) -> tuple[str, str, str]:
   """(forward, input gradient, kernel gradient) methods, each 'conv' or 'dot', for XLA:CPU.
 
-  Measured on a 2-core AVX-512 Xeon (jax 0.10): XLA's conv is as fast as a matmul or faster for
-  kxk kernels on maps of at least 8x8 in the forward pass and the input gradient; on smaller maps
-  it falls off a cliff. Its kernel gradient is slower than the matmul form for 1x1 kernels and
-  for small maps.
+  From per-piece timings of every conv of ResNet-50 at batch 32 (32x32, 64x64) and batch 8
+  (224x224): 1x1 and patchify convs are matmuls in every piece (XLA's kernel gradient of a 1x1
+  conv is 3-6x slower). For kxk kernels XLA's conv wins the forward pass and the input gradient
+  on outputs of 8x8 and more (the matmul form materialises k*k shifted copies of the input: 3x
+  slower at 56x56x64, and for the 3-channel 7x7 stem) and falls off a cliff below; its kernel
+  gradient is on par down to 4x4 outputs and slower below.
   """
   _, h, w, _ = x_shape
   k = kernel_shape[0]
@@ -237,11 +240,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     dimension_numbers, feature_group_count, precision=precision,
                                     **kwargs)
 
+  def ones(d):
+    return d is None or all(int(v) == 1 for v in ((d,) * 2 if isinstance(d, int) else d))
+
   if (lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or precision is not None
-      or any(v is not None for v in kwargs.values())
-      or any(d not in (None, 1, (1, 1)) and tuple(d) != (1, 1)
-             for d in (lhs_dilation, rhs_dilation))
-      or len(set(window_strides)) != 1 or rhs.shape[0] != rhs.shape[1]):
+      or any(v is not None for v in kwargs.values()) or not ones(lhs_dilation)
+      or not ones(rhs_dilation) or len(set(window_strides)) != 1
+      or rhs.shape[0] != rhs.shape[1]):
     return plain()
   p = _symmetric_padding(padding)
   numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
