@@ -36,6 +36,7 @@ from experiments import data as data_lib
 from experiments import mixing, steptable
 from experiments.checkpoint import Checkpoints
 from experiments.cli import UsageError
+from experiments.malloc import keep_freed_memory
 from modernize.config import NetConfig
 from modernize.flops import count_macs
 from modernize.network import Network, count_params
@@ -508,6 +509,9 @@ def main(argv=None) -> int:
   from experiments.cli import EXPECTED
 
   argv = list(sys.argv if argv is None else argv)
+  # Before JAX starts its threads: reuse freed memory instead of page-faulting every step's
+  # buffers back in (experiments/malloc.py; MODERNIZE_MALLOC_TUNING=0 turns it off).
+  keep_freed_memory()
   quiet_libraries()
   enable_compilation_cache()
   try:
