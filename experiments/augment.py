@@ -32,6 +32,7 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -301,9 +302,9 @@ def random_crop_pad(images: np.ndarray, keys: np.ndarray, pad: int, fill: int = 
   oy = np.floor(u[:, 0] * (2 * pad + 1)).astype(np.intp)
   ox = np.floor(u[:, 1] * (2 * pad + 1)).astype(np.intp)
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
-  rows = oy[:, None] + np.arange(h)[None, :]
-  cols = ox[:, None] + np.arange(w)[None, :]
-  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  # Every (h, w) window of the padded images as a view; pick one per image.
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+  return np.ascontiguousarray(np.moveaxis(windows[np.arange(b), oy, ox], 1, -1))
 
 
 def flip_mask(keys: np.ndarray) -> np.ndarray:
@@ -440,6 +441,12 @@ def sharpness(x: np.ndarray, factor) -> np.ndarray:
   return _blend(smooth, x, factor)
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+  ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing='ij')
+  return ys, xs
+
+
 def affine(x: np.ndarray, matrices: np.ndarray, fill) -> np.ndarray:
   """Bilinear warp with PIL's `Image.transform(size, AFFINE, data)` semantics.
 
@@ -449,7 +456,7 @@ def affine(x: np.ndarray, matrices: np.ndarray, fill) -> np.ndarray:
   """
   b, h, w, c = x.shape
   m = np.asarray(matrices, np.float64).reshape(b, 2, 3)
-  ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing='ij')
+  ys, xs = _pixel_centres(h, w)
   sx = m[:, 0, 0, None, None] * xs + m[:, 0, 1, None, None] * ys + m[:, 0, 2, None, None]
   sy = m[:, 1, 0, None, None] * xs + m[:, 1, 1, None, None] * ys + m[:, 1, 2, None, None]
   inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
@@ -461,13 +468,12 @@ def affine(x: np.ndarray, matrices: np.ndarray, fill) -> np.ndarray:
   fy = (sy - y0)[..., None]
   x1 = np.minimum(x0 + 1, w - 1)
   y1 = np.minimum(y0 + 1, h - 1)
-  flat = x.reshape(b, h * w, c).astype(np.float32)
-
-  def gather(yy, xx):
-    return np.take_along_axis(flat, (yy * w + xx).reshape(b, h * w, 1), axis=1).reshape(b, h, w, c)
-
-  top = gather(y0, x0) * (1 - fx) + gather(y0, x1) * fx
-  bottom = gather(y1, x0) * (1 - fx) + gather(y1, x1) * fx
+  # The four neighbours of every output pixel in one gather over the flattened batch.
+  base = (np.arange(b, dtype=np.intp) * (h * w)).reshape(b, 1, 1)
+  corners = np.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1]) + base
+  g = x.reshape(b * h * w, c)[corners.reshape(-1)].astype(np.float32).reshape(4, b, h, w, c)
+  top = g[0] * (1 - fx) + g[1] * fx
+  bottom = g[2] * (1 - fx) + g[3] * fx
   out = top * (1 - fy) + bottom * fy
   fill = np.broadcast_to(np.asarray(fill, np.float32), (c,))
   out = np.where(inside[..., None], out, fill)
@@ -478,41 +484,60 @@ def _matrices(a, b_, c_, d, e, f) -> np.ndarray:
   return np.stack([np.stack([a, b_, c_], -1), np.stack([d, e, f], -1)], -2)
 
 
-def rotate(x: np.ndarray, degrees, fill) -> np.ndarray:
-  """Rotation about the image centre by `degrees` (counter-clockwise as displayed)."""
-  n, h, w, _ = x.shape
+def rotate_matrices(n: int, h: int, w: int, degrees) -> np.ndarray:
+  """(n, 2, 3) source-sampling matrices of a rotation about the image centre."""
   t = np.deg2rad(np.broadcast_to(np.asarray(degrees, np.float64), (n,)))
   cx, cy = w / 2.0, h / 2.0
   cos, sin = np.cos(t), np.sin(t)
   # source = R(-t) applied about the centre; image rows grow downwards.
-  return affine(x, _matrices(cos, -sin, cx - cos * cx + sin * cy,
-                             sin, cos, cy - sin * cx - cos * cy), fill)
+  return _matrices(cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
 
 
-def _per_image(x: np.ndarray, value):
+def rotate(x: np.ndarray, degrees, fill) -> np.ndarray:
+  """Rotation about the image centre by `degrees` (counter-clockwise as displayed)."""
+  n, h, w, _ = x.shape
+  return affine(x, rotate_matrices(n, h, w, degrees), fill)
+
+
+def _per_image(n: int, value):
   """A scalar or per-image value as float64 (N,), with ones and zeros for the other matrix slots."""
-  n = len(x)
   return np.broadcast_to(np.asarray(value, np.float64), (n,)), np.ones(n), np.zeros(n)
 
 
+def shear_x_matrices(n: int, shear) -> np.ndarray:
+  s, one, zero = _per_image(n, shear)
+  return _matrices(one, s, zero, zero, one, zero)
+
+
+def shear_y_matrices(n: int, shear) -> np.ndarray:
+  s, one, zero = _per_image(n, shear)
+  return _matrices(one, zero, zero, s, one, zero)
+
+
+def translate_x_matrices(n: int, pixels) -> np.ndarray:
+  p, one, zero = _per_image(n, pixels)
+  return _matrices(one, zero, p, zero, one, zero)
+
+
+def translate_y_matrices(n: int, pixels) -> np.ndarray:
+  p, one, zero = _per_image(n, pixels)
+  return _matrices(one, zero, zero, zero, one, p)
+
+
 def shear_x(x: np.ndarray, shear, fill) -> np.ndarray:
-  s, one, zero = _per_image(x, shear)
-  return affine(x, _matrices(one, s, zero, zero, one, zero), fill)
+  return affine(x, shear_x_matrices(len(x), shear), fill)
 
 
 def shear_y(x: np.ndarray, shear, fill) -> np.ndarray:
-  s, one, zero = _per_image(x, shear)
-  return affine(x, _matrices(one, zero, zero, s, one, zero), fill)
+  return affine(x, shear_y_matrices(len(x), shear), fill)
 
 
 def translate_x(x: np.ndarray, pixels, fill) -> np.ndarray:
-  p, one, zero = _per_image(x, pixels)
-  return affine(x, _matrices(one, zero, p, zero, one, zero), fill)
+  return affine(x, translate_x_matrices(len(x), pixels), fill)
 
 
 def translate_y(x: np.ndarray, pixels, fill) -> np.ndarray:
-  p, one, zero = _per_image(x, pixels)
-  return affine(x, _matrices(one, zero, zero, zero, one, p), fill)
+  return affine(x, translate_y_matrices(len(x), pixels), fill)
 
 
 # --- RandAugment ----------------------------------------------------------------------------------
@@ -549,6 +574,19 @@ RANDAUGMENT_OPS: dict[str, RandAugmentOp] = {
 }
 RANDAUGMENT_OP_NAMES = tuple(RANDAUGMENT_OPS)
 
+# The geometric ops as sampling matrices: fn(n, h, w, magnitude (n,), negate (n,)) -> (n, 2, 3).
+# rand_augment warps every image of a layer that drew one of them in a single `affine` call (the
+# same per-image result as the ops above, with a fraction of the numpy calls).
+GEOMETRIC_MATRICES = {
+    'Rotate': lambda n, h, w, m, s: rotate_matrices(n, h, w, _signed(m / MAX_LEVEL * 30.0, s)),
+    'ShearX': lambda n, h, w, m, s: shear_x_matrices(n, _signed(m / MAX_LEVEL * 0.3, s)),
+    'ShearY': lambda n, h, w, m, s: shear_y_matrices(n, _signed(m / MAX_LEVEL * 0.3, s)),
+    'TranslateXRel': lambda n, h, w, m, s: translate_x_matrices(
+        n, _signed(m / MAX_LEVEL * 0.45 * w, s)),
+    'TranslateYRel': lambda n, h, w, m, s: translate_y_matrices(
+        n, _signed(m / MAX_LEVEL * 0.45 * h, s)),
+}
+
 
 def apply_op(name: str, x: np.ndarray, magnitude, negate=False, fill=0) -> np.ndarray:
   """Applies one RandAugment op at `magnitude` (0..10) to a batch (for tests and inspection)."""
@@ -581,8 +619,23 @@ def rand_augment(images: np.ndarray, keys: np.ndarray, n: int = 2, m: float = 9.
     return images
   op, applied, mag, negate = randaugment_params(keys, n, m, mstd, prob)
   out = images.copy()
+  _, h, w, _ = images.shape
+  geometric = np.array([name in GEOMETRIC_MATRICES for name in RANDAUGMENT_OP_NAMES])
   for layer in range(n):
+    warp = np.flatnonzero(applied[:, layer] & geometric[op[:, layer]])
+    if warp.size:
+      matrices = np.empty((warp.size, 2, 3))
+      for k, name in enumerate(RANDAUGMENT_OP_NAMES):
+        if geometric[k]:
+          sub = np.flatnonzero(op[warp, layer] == k)
+          if sub.size:
+            sel = warp[sub]
+            matrices[sub] = GEOMETRIC_MATRICES[name](sub.size, h, w, mag[sel, layer],
+                                                     negate[sel, layer])
+      out[warp] = affine(out[warp], matrices, fill)
     for k, name in enumerate(RANDAUGMENT_OP_NAMES):
+      if geometric[k]:
+        continue
       sel = np.flatnonzero(applied[:, layer] & (op[:, layer] == k))
       if sel.size:
         out[sel] = RANDAUGMENT_OPS[name](out[sel], mag[sel, layer], negate[sel, layer], fill)

@@ -542,7 +542,16 @@ class _Transform:
     return np.ascontiguousarray(out)
 
   # Small images held in memory.
+  def presize(self, images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The whole split resized once (the same deterministic resize `train_arrays` would apply to
+    every batch) when the crop is not random-resized; else the images unchanged."""
+    if self.augment.random_resized_crop or images.shape[1:3] == (self.image_size,) * 2:
+      return images
+    return np.concatenate([aug.resize(images[i:i + chunk], self.image_size)
+                           for i in range(0, len(images), chunk)])
+
   def train_arrays(self, images: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """`images`: raw, or already `presize`d (the resize is then the identity)."""
     a, s = self.augment, self.image_size
     _, h, w, _ = images.shape
     if a.random_resized_crop:
@@ -688,6 +697,7 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
   else:
     images, labels = load_arrays(name, 'train', data_dir)
     n = _subset(len(labels), num_examples)
+    images = transform.presize(images[:n])   # once, instead of in every batch
     perms = _Permutations(seed, n)
 
     def batch(step: int) -> dict[str, np.ndarray]:
