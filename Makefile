@@ -1,5 +1,6 @@
 # make test    set up .venv (and the Debian Fashion-MNIST files) on a fresh machine, run the tests
 # make ladder  set up, then train and show the default CPU ladder on Fashion-MNIST
+# make bench   set up (with PyTorch/timm), then time JAX against timm (README, "Speed on CPU")
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ LADDER_OUT ?= runs/ladder
 LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,length=0.004
 LADDER_SEEDS ?= 2
 
-.PHONY: venv venv-core test test-fast ladder data clean
+.PHONY: venv venv-core test test-fast ladder bench data clean
 
 venv: $(STAMP)
 venv-core: $(STAMP_CORE)
@@ -46,6 +47,14 @@ test-fast: venv data
 ladder: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
 	  --options $(LADDER_OPTIONS) --show
+
+# Every ladder step at batch 32, 32x32 and 64x64, beside timm where it has the network; the
+# CPU ladder's training against its input pipeline. The table at the end; JSON lines in
+# runs/bench.jsonl (`python -m experiments.bench --show runs/bench.jsonl [--markdown]`).
+BENCH_OPTIONS ?= --steps all --shapes 32x32,64x64
+bench: venv data
+	mkdir -p runs
+	$(BIN)/python -m experiments.bench $(BENCH_OPTIONS) --json > runs/bench.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -403,13 +403,13 @@ def _torch_worker(step, size, batch, args) -> tuple[Worker, dict]:
 def bench_case(step, size, batch, args, matmul_gflops) -> dict:
   from modernize import LADDER  # noqa: F401  (validates the step name in the parent)
   record = {'kind': 'train', 'step': step, 'shape': f'{size}x{size}', 'batch': batch,
-            'timm': TIMM_EQUIVALENT.get(step) if args.torch else None,
+            'timm': TIMM_EQUIVALENT.get(step), 'torch_measured': bool(args.torch),
             'load_avg_start': os.getloadavg()[0]}
   workers = {'jax': Worker('jax', args)}
   try:
     setup = {'jax': workers['jax'].call('setup', step=step, size=size, batch=batch,
                                         scale='full')}
-    if record['timm']:
+    if record['timm'] and args.torch:
       workers['torch'], setup['torch'] = _torch_worker(step, size, batch, args)
     times, per_round = alternate(workers, args.rounds, args.round_seconds)
     for name, w in workers.items():
@@ -474,9 +474,10 @@ def print_table(records, out) -> None:
 
   for r in records:
     if r['kind'] == 'matmul':
+      torch_mm = (f"; PyTorch {r['torch_gflops_max']:.0f} best" if 'torch_gflops_max' in r
+                  else '')
       p(f"float32 matmul ({r['n']}^3): JAX {r['jax_gflops_max']:.0f} GFLOP/s best, "
-        f"{r['jax_gflops_median']:.0f} median; PyTorch {r.get('torch_gflops_max', 0):.0f} best. "
-        f"Fractions below are of JAX's best.")
+        f"{r['jax_gflops_median']:.0f} median{torch_mm}. Fractions below are of JAX's best.")
   train = [r for r in records if r['kind'] == 'train']
   if train:
     p()
@@ -493,7 +494,7 @@ def print_table(records, out) -> None:
         continue
       j, t = r['jax'], r.get('torch')
       ratio = (f"{r['ratio']:.2f} ({r['ratio_rounds'][0]:.2f}-{r['ratio_rounds'][1]:.2f})"
-               if t else ('no timm' if not r['timm'] else '-'))
+               if t else ('no timm' if not r['timm'] else 'not run'))
       mem = f"{j['peak_rss_mb']:.0f}/{t['peak_rss_mb']:.0f}" if t else f"{j['peak_rss_mb']:.0f}/-"
       torch_mm = f"{100 * t['matmul_fraction']:.1f}" if t else '-'
       p(f"{r['step']:<20}{shape:>10}{_fmt_rate(j):>22}{_fmt_rate(t):>22}{ratio:>18}"
@@ -522,6 +523,53 @@ def print_table(records, out) -> None:
       f"{r['data_over_train']:.1f}x the fastest step's training")
 
 
+def print_markdown(records, out) -> None:
+  """The same results as markdown tables (for the README)."""
+  def p(line=''):
+    print(line, file=out)
+
+  for r in records:
+    if r['kind'] == 'matmul':
+      torch_mm = (f", PyTorch {r['torch_gflops_max']:.0f}" if 'torch_gflops_max' in r else '')
+      p(f"float32 matmul, 2048^3: JAX {r['jax_gflops_max']:.0f} GFLOP/s (best of 10){torch_mm}. "
+        f"`% mm` = achieved training FLOP rate (3 x forward FLOPs) / JAX's matmul rate.")
+  train = [r for r in records if r['kind'] == 'train']
+  if train:
+    p()
+    p('| step | batch x shape | JAX img/s [IQR] | timm img/s [IQR] | JAX/timm (rounds) | JAX % mm '
+      '| timm % mm | compile | peak MB JAX/torch |')
+    p('|---|---|---|---|---|---|---|---|---|')
+    for r in train:
+      shape = f"{r['batch']} x {r['shape']}"
+      if 'error' in r:
+        p(f"| {r['step']} | {shape} | error: {r['error']} | | | | | | |")
+        continue
+      j, t = r['jax'], r.get('torch')
+      ratio = (f"**{r['ratio']:.2f}** ({r['ratio_rounds'][0]:.2f}-{r['ratio_rounds'][1]:.2f})"
+               if t else ('no timm model' if not r['timm'] else 'not run'))
+      torch_mm = f"{100 * t['matmul_fraction']:.0f}%" if t else '-'
+      torch_mb = f"{t['peak_rss_mb']:.0f}" if t else '-'
+      p(f"| {r['step']} | {shape} | {_fmt_rate(j)} | {_fmt_rate(t)} | {ratio} | "
+        f"{100 * j['matmul_fraction']:.0f}% | {torch_mm} | {j['compile_s']:.1f} s | "
+        f"{j['peak_rss_mb']:.0f}/{torch_mb} |")
+  ladder = [r for r in records if r['kind'] == 'cpu_ladder']
+  data = [r for r in records if r['kind'] == 'data']
+  if ladder:
+    p()
+    p('| CPU ladder step (batch 128, 32x32x1) | width | depths | train img/s [IQR] |')
+    p('|---|---|---|---|')
+    for r in ladder:
+      if 'error' in r:
+        p(f"| {r['step']} | | | error: {r['error']} |")
+      else:
+        p(f"| {r['step']} | {r['width']} | {tuple(r['depths'])} | {_fmt_rate(r['train'])} |")
+  for r in data:
+    p()
+    p(f"Input pipeline ({r['data']}, {r['image_size']}x{r['image_size']}x{r['channels']}, batch "
+      f"{r['batch']}, the enhanced recipe's augmentation, {r['workers']} thread(s)): "
+      f"{_fmt_rate(r)} images/s, {r['data_over_train']:.1f}x the fastest step's training.")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', default=DEFAULT_STEPS,
@@ -545,21 +593,43 @@ def main(argv=None) -> int:
                       choices=['auto', 'default', 'passive'],
                       help="PyTorch's OMP_WAIT_POLICY: 'auto' keeps the faster (see _torch_worker)")
   parser.add_argument('--no-malloc-tuning', dest='malloc_tuning', action='store_false')
+  parser.add_argument('--no-train', dest='train', action='store_false',
+                      help='skip the JAX/timm training cases (e.g. only the CPU ladder)')
+  parser.add_argument('--show', metavar='JSONL',
+                      help='print the tables of an earlier --json run instead of measuring')
+  parser.add_argument('--markdown', action='store_true', help='tables as markdown')
   parser.add_argument('--worker', choices=['jax', 'torch', 'data'], help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
     return worker_main(args.worker, args.torch_threads, args.malloc_tuning)
 
   sys.path.insert(0, ROOT)
+  render = print_markdown if args.markdown else print_table
+  if args.show:
+    try:
+      with open(args.show) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+      parser.error(f'--show: cannot read {args.show}: {e}')
+    render(records, sys.stdout)
+    return 0
   from modernize import LADDER
+  from modernize.config import ConfigError
   steps = LADDER.names() if args.steps == 'all' else [s.strip() for s in args.steps.split(',')]
   for s in steps:
-    LADDER.step(s)  # unknown names fail here
+    try:
+      LADDER.step(s)
+    except ConfigError as e:
+      parser.error(f'--steps: {e}')
+  if args.batch is not None and args.batch < 1:
+    parser.error(f'--batch: must be at least 1, got {args.batch}')
+  if args.rounds < 1 or args.round_seconds <= 0 or args.torch_threads < 1:
+    parser.error('--rounds and --torch-threads must be at least 1, --round-seconds positive')
   sizes = []
   for shape in args.shapes.split(','):
     h, _, w = shape.strip().partition('x')
-    if not w or h != w or not h.isdigit():
-      parser.error(f'--shapes: {shape!r} is not a square HxW size')
+    if not w or h != w or not h.isdigit() or int(h) < 8:
+      parser.error(f'--shapes: {shape!r} is not a square HxW size of at least 8x8')
     sizes.append(int(h))
 
   out = sys.stderr if args.json else sys.stdout
@@ -588,7 +658,7 @@ def main(argv=None) -> int:
   emit(record)
   matmul = record['jax_gflops_max']
 
-  for size in sizes:
+  for size in sizes if args.train else []:
     batch = args.batch or (8 if size > 128 else 32)
     for step in steps:
       _log(f'bench: {step} b{batch}x{size}x{size} ...')
@@ -601,7 +671,7 @@ def main(argv=None) -> int:
     _log('bench: CPU ladder configuration and input pipeline ...')
     for r in bench_cpu_ladder(steps, args):
       emit(r)
-  print_table(records, out)
+  render(records, out)
   return 0
 
 
