@@ -550,33 +550,9 @@ def _enhance_factor(m, sign):
   return 1.0 + _signed(m / MAX_LEVEL * 0.9, sign)
 
 
-# name -> fn(x, magnitude (B,), negate (B,) bool, fill); the 'increasing' set of timm's
-# rand-...-inc1: a larger magnitude is always a stronger change.
-RandAugmentOp = Callable[[np.ndarray, np.ndarray, np.ndarray, object], np.ndarray]
-RANDAUGMENT_OPS: dict[str, RandAugmentOp] = {
-    'AutoContrast': lambda x, m, s, fill: auto_contrast(x),
-    'Equalize': lambda x, m, s, fill: equalize(x),
-    'Invert': lambda x, m, s, fill: invert(x),
-    'Rotate': lambda x, m, s, fill: rotate(x, _signed(m / MAX_LEVEL * 30.0, s), fill),
-    'PosterizeIncreasing': lambda x, m, s, fill: posterize(x, 4 - (m / MAX_LEVEL * 4).astype(int)),
-    'SolarizeIncreasing': lambda x, m, s, fill: solarize(x, 256 - (m / MAX_LEVEL * 256).astype(int)),
-    'SolarizeAdd': lambda x, m, s, fill: solarize_add(x, (m / MAX_LEVEL * 110).astype(int)),
-    'ColorIncreasing': lambda x, m, s, fill: color(x, _enhance_factor(m, s)),
-    'ContrastIncreasing': lambda x, m, s, fill: contrast(x, _enhance_factor(m, s)),
-    'BrightnessIncreasing': lambda x, m, s, fill: brightness(x, _enhance_factor(m, s)),
-    'SharpnessIncreasing': lambda x, m, s, fill: sharpness(x, _enhance_factor(m, s)),
-    'ShearX': lambda x, m, s, fill: shear_x(x, _signed(m / MAX_LEVEL * 0.3, s), fill),
-    'ShearY': lambda x, m, s, fill: shear_y(x, _signed(m / MAX_LEVEL * 0.3, s), fill),
-    'TranslateXRel': lambda x, m, s, fill: translate_x(
-        x, _signed(m / MAX_LEVEL * 0.45 * x.shape[2], s), fill),
-    'TranslateYRel': lambda x, m, s, fill: translate_y(
-        x, _signed(m / MAX_LEVEL * 0.45 * x.shape[1], s), fill),
-}
-RANDAUGMENT_OP_NAMES = tuple(RANDAUGMENT_OPS)
-
-# The geometric ops as sampling matrices: fn(n, h, w, magnitude (n,), negate (n,)) -> (n, 2, 3).
-# rand_augment warps every image of a layer that drew one of them in a single `affine` call (the
-# same per-image result as the ops above, with a fraction of the numpy calls).
+# The geometric ops as sampling matrices: fn(n, h, w, magnitude (n,), negate (n,)) -> (n, 2, 3),
+# the one place their magnitudes are mapped to angles, shears and shifts. rand_augment warps every
+# image of a layer that drew one of them in a single `affine` call.
 GEOMETRIC_MATRICES = {
     'Rotate': lambda n, h, w, m, s: rotate_matrices(n, h, w, _signed(m / MAX_LEVEL * 30.0, s)),
     'ShearX': lambda n, h, w, m, s: shear_x_matrices(n, _signed(m / MAX_LEVEL * 0.3, s)),
@@ -587,6 +563,35 @@ GEOMETRIC_MATRICES = {
         n, _signed(m / MAX_LEVEL * 0.45 * h, s)),
 }
 
+
+def _geometric_op(name: str):
+  def op(x, m, s, fill):
+    n, h, w, _ = x.shape
+    return affine(x, GEOMETRIC_MATRICES[name](n, h, w, m, s), fill)
+  return op
+
+
+# name -> fn(x, magnitude (B,), negate (B,) bool, fill); the 'increasing' set of timm's
+# rand-...-inc1: a larger magnitude is always a stronger change. The order fixes the op indices.
+RandAugmentOp = Callable[[np.ndarray, np.ndarray, np.ndarray, object], np.ndarray]
+RANDAUGMENT_OPS: dict[str, RandAugmentOp] = {
+    'AutoContrast': lambda x, m, s, fill: auto_contrast(x),
+    'Equalize': lambda x, m, s, fill: equalize(x),
+    'Invert': lambda x, m, s, fill: invert(x),
+    'Rotate': _geometric_op('Rotate'),
+    'PosterizeIncreasing': lambda x, m, s, fill: posterize(x, 4 - (m / MAX_LEVEL * 4).astype(int)),
+    'SolarizeIncreasing': lambda x, m, s, fill: solarize(x, 256 - (m / MAX_LEVEL * 256).astype(int)),
+    'SolarizeAdd': lambda x, m, s, fill: solarize_add(x, (m / MAX_LEVEL * 110).astype(int)),
+    'ColorIncreasing': lambda x, m, s, fill: color(x, _enhance_factor(m, s)),
+    'ContrastIncreasing': lambda x, m, s, fill: contrast(x, _enhance_factor(m, s)),
+    'BrightnessIncreasing': lambda x, m, s, fill: brightness(x, _enhance_factor(m, s)),
+    'SharpnessIncreasing': lambda x, m, s, fill: sharpness(x, _enhance_factor(m, s)),
+    'ShearX': _geometric_op('ShearX'),
+    'ShearY': _geometric_op('ShearY'),
+    'TranslateXRel': _geometric_op('TranslateXRel'),
+    'TranslateYRel': _geometric_op('TranslateYRel'),
+}
+RANDAUGMENT_OP_NAMES = tuple(RANDAUGMENT_OPS)
 
 def apply_op(name: str, x: np.ndarray, magnitude, negate=False, fill=0) -> np.ndarray:
   """Applies one RandAugment op at `magnitude` (0..10) to a batch (for tests and inspection)."""
