@@ -102,9 +102,29 @@ def _patches(x, k, s, p):
   if k == s:  # non-overlapping patches: space-to-depth
     x = x[:, :ho * k, :wo * k].reshape(n, ho, k, wo, k, c)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, ho, wo, k * k * c)
-  taps = [lax.slice(x, (0, a, b, 0), (n, a + s * (ho - 1) + 1, b + s * (wo - 1) + 1, c),
+  return jnp.concatenate(window_taps(x, k, s, ho, wo), axis=-1)
+
+
+def window_taps(xp, k: int, s: int, ho: int, wo: int) -> list:
+  """The k*k taps of every (ho, wo) window of stride s over an (already padded) NHWC array, in
+  row-major tap order: tap (a, b) is xp[:, a + s*i, b + s*j]."""
+  n, _, _, c = xp.shape
+  return [lax.slice(xp, (0, a, b, 0), (n, a + s * (ho - 1) + 1, b + s * (wo - 1) + 1, c),
                     (1, s, s, 1)) for a in range(k) for b in range(k)]
-  return jnp.concatenate(taps, axis=-1)
+
+
+def add_taps(taps, k: int, s: int, hp: int, wp: int):
+  """The transpose of `window_taps`: each tap's (N, ho, wo, C) values added back at its offsets
+  into an (N, hp, wp, C) array of zeros."""
+  out = None
+  for t, tap in enumerate(taps):
+    a, b = divmod(t, k)
+    ho, wo = tap.shape[1:3]
+    zero = jnp.zeros((), tap.dtype)
+    part = lax.pad(tap, zero, ((0, 0, 0), (a, hp - a - s * (ho - 1) - 1, s - 1),
+                               (b, wp - b - s * (wo - 1) - 1, s - 1), (0, 0, 0)))
+    out = part if out is None else out + part
+  return out
 
 
 def _matrix(kernel):
@@ -126,13 +146,8 @@ def _dx_dot(g, kernel, s, p, h, w):
   if k == s and p == 0:  # depth-to-space, then zeros for rows/columns the floor left out
     dx = cols.reshape(n, ho, wo, k, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, ho * k, wo * k, c)
     return lax.pad(dx, zero, ((0, 0, 0), (0, h - ho * k, 0), (0, w - wo * k, 0), (0, 0, 0)))
-  dx = None
-  for t in range(k * k):
-    a, b = divmod(t, k)
-    tap = cols[..., t * c:(t + 1) * c] if k > 1 else cols
-    tap = lax.pad(tap, zero, ((0, 0, 0), (a, hp - a - s * (ho - 1) - 1, s - 1),
-                              (b, wp - b - s * (wo - 1) - 1, s - 1), (0, 0, 0)))
-    dx = tap if dx is None else dx + tap
+  taps = [cols[..., t * c:(t + 1) * c] for t in range(k * k)] if k > 1 else [cols]
+  dx = add_taps(taps, k, s, hp, wp)
   return dx[:, p:p + h, p:p + w] if p else dx
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from modernize.conv import conv_fn
+from modernize.conv import add_taps, conv_fn, out_size, window_taps
 from modernize.depthwise import DepthwiseConv
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -195,12 +195,6 @@ def norm(kind: str, dim: int) -> LayerNorm | BatchNorm:
 
 # --- pooling ---------------------------------------------------------------------------------------
 
-def _window_taps(xp, k, s, ho, wo):
-  n, _, _, c = xp.shape
-  return [jax.lax.slice(xp, (0, a, b, 0), (n, a + s * (ho - 1) + 1, b + s * (wo - 1) + 1, c),
-                        (1, s, s, 1)) for a in range(k) for b in range(k)]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, k: int = 3, s: int = 2, p: int = 1):
   """PyTorch's MaxPool2d(k, s, padding=p) on NHWC (pads with -inf).
@@ -212,35 +206,27 @@ def max_pool(x, k: int = 3, s: int = 2, p: int = 1):
   return _max_pool_fwd(x, k, s, p)[0]
 
 
-def _pool_geometry(x, k, s, p):
-  _, h, w, _ = x.shape
-  return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
 def _max_pool_fwd(x, k, s, p):
-  ho, wo = _pool_geometry(x, k, s, p)
+  _, h, w, _ = x.shape
+  ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
-  y = functools.reduce(jnp.maximum, _window_taps(xp, k, s, ho, wo))
+  y = functools.reduce(jnp.maximum, window_taps(xp, k, s, ho, wo))
   return y, (x, y)
 
 
 def _max_pool_bwd(k, s, p, res, g):
   x, y = res
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   ho, wo = y.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
-  hp, wp = h + 2 * p, w + 2 * p
   zero = jnp.zeros((), g.dtype)
   taken = jnp.zeros(y.shape, bool)
-  dxp = None
-  for t, tap in enumerate(_window_taps(xp, k, s, ho, wo)):
-    a, b = divmod(t, k)
+  routed = []
+  for tap in window_taps(xp, k, s, ho, wo):
     first = (tap == y) & ~taken
     taken = taken | first
-    part = jax.lax.pad(jnp.where(first, g, zero), zero,
-                       ((0, 0, 0), (a, hp - a - s * (ho - 1) - 1, s - 1),
-                        (b, wp - b - s * (wo - 1) - 1, s - 1), (0, 0, 0)))
-    dxp = part if dxp is None else dxp + part
+    routed.append(jnp.where(first, g, zero))
+  dxp = add_taps(routed, k, s, h + 2 * p, w + 2 * p)
   return (dxp[:, p:p + h, p:p + w],)
 
 
