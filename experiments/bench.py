@@ -364,6 +364,19 @@ def _fmt_rate(s: dict | None) -> str:
   return f"{s['img_s']:.1f} [{s['img_s_q1']:.1f}-{s['img_s_q3']:.1f}]"
 
 
+def _ratio_cell(r: dict, bold: bool = False) -> str:
+  """A train record's JAX/timm ratio with its range over the rounds, or why there is none."""
+  if 'torch' not in r:
+    return 'no timm model' if not r['timm'] else 'not run'
+  ratio = f"**{r['ratio']:.2f}**" if bold else f"{r['ratio']:.2f}"
+  return f"{ratio} ({r['ratio_rounds'][0]:.2f}-{r['ratio_rounds'][1]:.2f})"
+
+
+def _peak_cell(r: dict) -> str:
+  t = r.get('torch')
+  return f"{r['jax']['peak_rss_mb']:.0f}/" + (f"{t['peak_rss_mb']:.0f}" if t else '-')
+
+
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -401,9 +414,8 @@ def _torch_worker(step, size, batch, args) -> tuple[Worker, dict]:
 
 
 def bench_case(step, size, batch, args, matmul_gflops) -> dict:
-  from modernize import LADDER  # noqa: F401  (validates the step name in the parent)
   record = {'kind': 'train', 'step': step, 'shape': f'{size}x{size}', 'batch': batch,
-            'timm': TIMM_EQUIVALENT.get(step), 'torch_measured': bool(args.torch),
+            'timm': TIMM_EQUIVALENT.get(step),
             'load_avg_start': os.getloadavg()[0]}
   workers = {'jax': Worker('jax', args)}
   try:
@@ -493,14 +505,11 @@ def print_table(records, out) -> None:
         p(f"{r['step']:<20}{shape:>10}  error: {r['error']}")
         continue
       j, t = r['jax'], r.get('torch')
-      ratio = (f"{r['ratio']:.2f} ({r['ratio_rounds'][0]:.2f}-{r['ratio_rounds'][1]:.2f})"
-               if t else ('no timm' if not r['timm'] else 'not run'))
-      mem = f"{j['peak_rss_mb']:.0f}/{t['peak_rss_mb']:.0f}" if t else f"{j['peak_rss_mb']:.0f}/-"
       torch_mm = f"{100 * t['matmul_fraction']:.1f}" if t else '-'
-      p(f"{r['step']:<20}{shape:>10}{_fmt_rate(j):>22}{_fmt_rate(t):>22}{ratio:>18}"
+      p(f"{r['step']:<20}{shape:>10}{_fmt_rate(j):>22}{_fmt_rate(t):>22}{_ratio_cell(r):>18}"
         f"{j['gflops']:9.1f}{100 * j['matmul_fraction']:5.1f}"
         f"{torch_mm:>9}"
-        f"{j['compile_s']:7.1f}s{mem:>18}")
+        f"{j['compile_s']:7.1f}s{_peak_cell(r):>18}")
     loads = [r['load_avg_start'] for r in train if 'load_avg_start' in r]
     if loads:
       p(f'(1-min load average during the run: {min(loads):.1f}-{max(loads):.1f} on '
@@ -545,13 +554,10 @@ def print_markdown(records, out) -> None:
         p(f"| {r['step']} | {shape} | error: {r['error']} | | | | | | |")
         continue
       j, t = r['jax'], r.get('torch')
-      ratio = (f"**{r['ratio']:.2f}** ({r['ratio_rounds'][0]:.2f}-{r['ratio_rounds'][1]:.2f})"
-               if t else ('no timm model' if not r['timm'] else 'not run'))
       torch_mm = f"{100 * t['matmul_fraction']:.0f}%" if t else '-'
-      torch_mb = f"{t['peak_rss_mb']:.0f}" if t else '-'
-      p(f"| {r['step']} | {shape} | {_fmt_rate(j)} | {_fmt_rate(t)} | {ratio} | "
+      p(f"| {r['step']} | {shape} | {_fmt_rate(j)} | {_fmt_rate(t)} | {_ratio_cell(r, bold=True)} | "
         f"{100 * j['matmul_fraction']:.0f}% | {torch_mm} | {j['compile_s']:.1f} s | "
-        f"{j['peak_rss_mb']:.0f}/{torch_mb} |")
+        f"{_peak_cell(r)} |")
   ladder = [r for r in records if r['kind'] == 'cpu_ladder']
   data = [r for r in records if r['kind'] == 'data']
   if ladder:
