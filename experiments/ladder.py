@@ -9,7 +9,9 @@
 224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11).
 `run` trains each (step, seed) of the ladder once through `experiments.train` (finished ones, found
 in DIR/steps.csv, are skipped; an interrupted one resumes). `show` renders DIR/steps.csv as
-DIR/ladder.md and DIR/ladder.png.
+DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the change from the
+previous adopted step, whether it is beyond 2 standard errors, and whether it agrees in sign
+with the paper).
 """
 
 from __future__ import annotations

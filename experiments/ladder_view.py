@@ -8,6 +8,11 @@ there are several).
 A step's change from the previous adopted step is marked '~' when it is within the noise: when
 |change| <= 2 x its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% interval), and '?'
 when either step has a single seed, so that no noise estimate exists.
+
+The same numbers, machine-readable, go to OUT/ladder.json (see `as_json`): per group, per step the
+mean, std and standard error over seeds, the change from the previous adopted step with its
+standard error, whether it is resolved (outside the noise), the paper's change over the same two
+steps and whether ours has its sign; per group, how many resolved changes agree with the paper.
 """
 
 from __future__ import annotations
@@ -40,8 +45,43 @@ def _float(value, default=None):
     return default
 
 
+def _values(runs: list[dict], column: str) -> list[float]:
+  """The finite numbers in `column` of `runs` (missing or empty cells skipped)."""
+  values = [_float(r.get(column)) for r in runs]
+  return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+  """Mean (None without values) and sample std (None under two values)."""
+  mean = statistics.fmean(values) if values else None
+  return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def _se(std: float | None, n: int) -> float | None:
+  """Standard error of a mean over n seeds; None without a std (n < 2)."""
+  return None if std is None else std / math.sqrt(n)
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None else a - b
+
+
+def _same_sign(ours: float | None, paper: float | None) -> bool | None:
+  """Whether two nonzero changes go the same way; None when either is missing or zero."""
+  if not ours or not paper:
+    return None
+  return (ours > 0) == (paper > 0)
+
+
 def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
-  """{(ladder, data, scale, image_size): [one summary per step, in ladder order]}."""
+  """{(ladder, data, scale, image_size): [one summary per step, in ladder order]}.
+
+  'top1' is the mean over seeds (NaN without any), 'se' its standard error; 'delta' the change from
+  the previous adopted step in the table, 'delta_se' that change's standard error and 'within_noise'
+  whether |delta| <= 2 delta_se (None when either step has one seed); 'paper_delta' the paper's
+  change over the same two steps and 'agrees' whether ours has its sign; 'val_top1' and 'val_std'
+  the same over the validation split, where the table has a 'val_top1' column.
+  """
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in rows:
     key = (r.get('ladder') or 'resnet50', r['data'], r['scale'], r['image_size'])
@@ -53,29 +93,88 @@ def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
     summaries, previous = [], None
     for step in known:
       runs = by_step[step.name]
-      top1 = [_float(r['top1']) for r in runs if _float(r['top1']) is not None]
+      top1 = _values(runs, 'top1')
+      mean, std = _mean_std(top1)
+      val_mean, val_std = _mean_std(_values(runs, 'val_top1'))
       s = {
           'step': step.name, 'label': step.label, 'group': step.group, 'adopted': step.adopted,
           'index': ladder.names().index(step.name), 'n': len(top1),
-          'top1': statistics.fmean(top1) if top1 else math.nan,
-          'std': statistics.stdev(top1) if len(top1) > 1 else None,
+          'top1': math.nan if mean is None else mean, 'std': std, 'se': _se(std, len(top1)),
+          'val_top1': val_mean, 'val_std': val_std,
           'seeds': sorted(int(r['seed']) for r in runs),
           'params': int(runs[0]['params']), 'gmacs': _float(runs[0]['gmacs']),
           'img_per_s': statistics.fmean(_float(r['train_img_per_s'], 0.0) for r in runs),
           'wall_s': statistics.fmean(_float(r['wall_s'], 0.0) for r in runs),
           'paper_top1': step.paper_top1, 'paper_std': step.paper_top1_std,
-          'paper_gflops': step.paper_gflops, 'delta': None, 'within_noise': None,
+          'paper_gflops': step.paper_gflops, 'delta': None, 'delta_se': None,
+          'within_noise': None, 'paper_delta': None, 'agrees': None,
       }
-      if previous is not None and s['n'] and previous['n']:
-        s['delta'] = s['top1'] - previous['top1']
-        if s['std'] is not None and previous['std'] is not None:
-          noise = 2 * math.sqrt(s['std'] ** 2 / s['n'] + previous['std'] ** 2 / previous['n'])
-          s['within_noise'] = abs(s['delta']) <= noise
+      if previous is not None:
+        if s['n'] and previous['n']:
+          s['delta'] = s['top1'] - previous['top1']
+        if s['se'] is not None and previous['se'] is not None:
+          s['delta_se'] = math.hypot(s['se'], previous['se'])
+          s['within_noise'] = abs(s['delta']) <= 2 * s['delta_se']
+        s['paper_delta'] = _difference(s['paper_top1'], previous['paper_top1'])
+        s['agrees'] = _same_sign(s['delta'], s['paper_delta'])
       summaries.append(s)
       if step.adopted:
         previous = s
     out[key] = summaries
   return out
+
+
+def _number(value: float | None) -> float | None:
+  """JSON has no NaN or infinity: those, like a missing number, become null."""
+  return value if value is not None and math.isfinite(value) else None
+
+
+def _resolved(s: dict) -> bool | None:
+  return None if s['within_noise'] is None else not s['within_noise']
+
+
+def _json_step(s: dict) -> dict:
+  return {
+      'name': s['step'], 'label': s['label'], 'group': s['group'], 'adopted': s['adopted'],
+      'index': s['index'], 'n': s['n'], 'mean': _number(s['top1']), 'std': _number(s['std']),
+      'se': _number(s['se']), 'delta': _number(s['delta']), 'delta_se': _number(s['delta_se']),
+      'resolved': _resolved(s), 'paper_top1': s['paper_top1'],
+      'paper_delta': _number(s['paper_delta']), 'agrees_with_paper': s['agrees'],
+      'params': s['params'], 'gmacs': _number(s['gmacs']), 'val_mean': _number(s['val_top1']),
+      'val_std': _number(s['val_std']),
+  }
+
+
+def _json_summary(steps: list[dict]) -> dict:
+  """Over the adopted steps: the changes measured, those outside the noise, and of those the ones
+  going the paper's way."""
+  changes = [s for s in steps if s['adopted'] and s['delta'] is not None]
+  resolved = [s for s in changes if _resolved(s)]
+  return {'changes': len(changes), 'resolved': len(resolved),
+          'resolved_agree': sum(s['agrees'] is True for s in resolved)}
+
+
+def as_json(groups: dict[tuple, list[dict]]) -> dict:
+  """`summarize`'s groups as OUT/ladder.json's object: {'groups': [{'ladder', 'data', 'scale',
+  'image_size', 'steps': [one per step, in ladder order], 'summary'}]}."""
+  return {'groups': [
+      {'ladder': ladder, 'data': data, 'scale': scale,
+       'image_size': int(size) if str(size).isdigit() else size,
+       'steps': [_json_step(s) for s in steps], 'summary': _json_summary(steps)}
+      for (ladder, data, scale, size), steps in groups.items()]}
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary file beside `path` (one per process), then renames it over
+  `path`, so a reader sees the old file or the new one, never part of one."""
+  tmp = f'{path}.{os.getpid()}.tmp'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 def _extra_columns(out: str) -> dict:
@@ -188,7 +287,7 @@ def chart(steps: list[dict], title: str, path: str) -> None:
 
 
 def show(out: str, table: str | None = None) -> list[str]:
-  """Renders OUT/ladder.md and the chart(s); returns the files written."""
+  """Renders OUT/ladder.md, OUT/ladder.json and the chart(s); returns the files written."""
   table = table or os.path.join(out, 'steps.csv')
   rows = steptable.read_rows(table)
   if not rows:
@@ -199,11 +298,11 @@ def show(out: str, table: str | None = None) -> list[str]:
   os.makedirs(out, exist_ok=True)
   written = []
   md = os.path.join(out, 'ladder.md')
-  tmp = md + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(markdown(groups, extra))
-  os.replace(tmp, md)
+  _write_atomic(md, markdown(groups, extra))
   written.append(md)
+  path = os.path.join(out, 'ladder.json')
+  _write_atomic(path, json.dumps(as_json(groups), indent=1, allow_nan=False) + '\n')
+  written.append(path)
   largest = max(groups, key=lambda k: len(groups[k]))
   for key, steps in groups.items():
     ladder, data, scale, size = key
