@@ -23,7 +23,7 @@ venv-core: $(STAMP_CORE)
 $(STAMP_CORE): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[data,plot]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[plot]'
 	touch $@
 
 # The tests add PyTorch, torchvision and timm (the numerical references).

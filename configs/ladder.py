@@ -5,7 +5,8 @@
 
 The argument after ':' is a step name followed by comma-separated options:
   ladder=resnet50|resnet200   which ladder (default resnet50: Table 10)
-  data=NAME                   fashion_mnist (default), cifar10, cifar100, imagenette, imagenet2012
+  data=NAME                   fashion_mnist (default), cifar10, cifar100, imagenette, imagenet2012,
+                              or folder:PATH (your images: PATH/{train,test}/<class>/*.png|jpg)
   seed=N                      seed of init, data order, augmentation and stochastic depth
   scale=full|small|cpu|tiny   model scale (default: full on imagenet2012/imagenette, cpu otherwise)
   length=X                    training length as a fraction of the paper's (90 epochs for the
@@ -18,6 +19,8 @@ Any field below can then be overridden with --config.FIELD=VALUE, e.g.
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 
@@ -86,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ladder.step(step)  # unknown step: ConfigError naming it
   smoke = options.get('smoke', 'false').lower() in ('1', 'true', 'yes')
   data = options.get('data', 'fashion_mnist')
+  if data.startswith('folder:'):   # the step table records where the images were
+    data = 'folder:' + os.path.abspath(os.path.expanduser(data[len('folder:'):]))
   large = data in LARGE_DATA
   scale = options.get('scale', 'tiny' if smoke else ('full' if large else 'cpu'))
   if scale not in SCALES:
@@ -102,9 +107,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = data
-  c.data.dir = ''                      # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.dir = ''                      # tfds sets: '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.image_size = _number(options, 'image_size', int, 224 if large else 32)
-  c.data.channels = 3 if large or data.startswith('cifar') else 1
+  # Model input channels: 0 = the data's own (folder:PATH: 1 if every image is grayscale, else 3).
+  c.data.channels = 3 if large or data.startswith('cifar') else 0 if data.startswith('folder:') \
+      else 1
+  c.data.validation = 0                # training examples held out as a validation split
   c.data.train_examples = 512 if smoke else 0   # 0 = the whole train split
   c.data.test_examples = 256 if smoke else 0    # 0 = the whole test split
   c.data.threads = 2                   # input-pipeline worker threads per host
@@ -119,7 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.depths = scaled_depths(net.depths, c.scale.depth_multiplier)
   c.model.width = max(1, net.width // c.scale.width_divisor)
   c.model.drop_path_rate = recipe['drop_path_rate']
-  c.model.in_channels = c.data.channels
+  c.model.in_channels = c.data.channels or -1   # -1: taken from the data set
   c.model.num_classes = -1             # -1: taken from the data set
 
   c.recipe = recipe_name

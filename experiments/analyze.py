@@ -213,10 +213,10 @@ def _feature_dims(graphdef, state, shape, max_dim: int) -> dict[str, int]:
 
 def split_batches(runs: list[Run], batch_size: int) -> Iterator[tuple]:
   """(images per data key, labels, mask) over the whole test split, one pipeline per input key."""
-  from experiments import data as data_lib
+  from experiments import pipeline
 
   keys = sorted({r.data_key for r in runs})
-  iterators = [data_lib.eval_batches(name, data_dir=data_dir or None, batch_size=batch_size,
+  iterators = [pipeline.eval_batches(name, data_dir=data_dir or None, batch_size=batch_size,
                                      image_size=size, channels=channels)
                for name, data_dir, size, channels in keys]
   for batches in zip(*iterators):
@@ -228,10 +228,10 @@ def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:
   """uint8 images of a small data set -> model inputs, as the test pipeline's eval transform does
   (resize to image_size, RGB -> luma for 1-channel models, normalise, replicate channels)."""
   from experiments import augment as aug
-  from experiments import data as data_lib
+  from experiments import datasets
 
   name, data_dir, size, channels = data_key
-  spec = data_lib.info(name, data_dir or None)
+  spec = datasets.info(name, data_dir or None)
   mean, std = np.array(spec.mean, np.float64), np.array(spec.std, np.float64)
   images = aug.resize(images, size, 1.0)
   if channels == 1 and images.shape[-1] == 3:
@@ -247,10 +247,10 @@ def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:
 
 
 def _num_test(runs: list[Run]) -> int:
-  from experiments import data as data_lib
+  from experiments import datasets
 
   name, data_dir, _, _ = runs[0].data_key
-  return data_lib.info(name, data_dir or None).num_test
+  return datasets.info(name, data_dir or None).num_test
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.nd
 def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 2000,
              cue_seed: int = 0) -> dict:
   """Shape bias on a cue-conflict set and pairwise error consistency on the test set."""
-  from experiments import data as data_lib
+  from experiments import datasets
   from modernize import analysis
 
   analysis_dir = os.path.join(out, 'analysis')
@@ -472,10 +472,10 @@ def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 200
   steps = [r.step for r in runs]
   start = time.time()
   name, data_dir, _, _ = runs[0].data_key
-  if data_lib.info(name, data_dir or None).large:
+  if datasets.info(name, data_dir or None).large:
     raise UsageError(f'bias needs a data set held in memory (fashion_mnist, cifar10, cifar100), '
                      f'not {name}')
-  raw, raw_labels = data_lib.load_arrays(name, 'test', data_dir or None)
+  raw, raw_labels = datasets.load_arrays(name, 'test', data_dir or None)
   cue = analysis.cue_conflict_set(raw, raw_labels, num=num, seed=cue_seed)
   _plot_examples(os.path.join(analysis_dir, 'cue_conflict_examples.png'), cue)
 

@@ -20,7 +20,7 @@ resident memory. The table also gives the ratio JAX/timm (and its range over the
 machine's float32 matmul rate (a 2048^3 `jnp.dot`), each model's achieved training FLOP rate
 (3 x forward MACs x 2 per image) as a fraction of it, and, for the CPU ladder's configuration
 (configs/ladder.py, scale 'cpu': batch 128, 32x32, 1 channel, each step's own recipe), the
-training images/s beside the input pipeline's (`experiments.data.train_batches` with the enhanced
+training images/s beside the input pipeline's (`experiments.pipeline.train_batches` with the enhanced
 recipe's augmentation), alternating the same way. Timings on a shared machine are noisy: compare
 the ratios measured in one run. Not a test: nothing here asserts a speed.
 
@@ -288,10 +288,10 @@ class _DataWorker:
 
   def setup(self, **_):
     from configs import ladder as ladder_config
-    from experiments import data, train
+    from experiments import pipeline, train
     config = ladder_config.get_config('convnext_t')   # the CPU ladder's data, enhanced recipe
     start = time.perf_counter()
-    self.it = data.train_batches(
+    self.it = pipeline.train_batches(
         config.data.name, batch_size=config.batch_size, image_size=config.data.image_size,
         channels=config.data.channels, seed=0, augment=train.augment_config(config),
         num_workers=config.data.threads)

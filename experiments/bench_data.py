@@ -3,7 +3,7 @@
   python -m experiments.bench_data --data fashion_mnist --image-size 32 --batch-size 128
   python -m experiments.bench_data --augment paper --workers 2 --steps 400
 
-Prints, for each augmentation preset asked for, the images/s of `data.train_batches` consumed as fast
+Prints, for each augmentation preset asked for, the images/s of `pipeline.train_batches` consumed as fast
 as possible (the first batches, which include thread start-up, are not timed).
 """
 
@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments import data
+from experiments import datasets, pipeline
 from experiments.augment import AugmentConfig
 
 
 def bench(name: str, *, data_dir, image_size, batch_size, channels, augment: AugmentConfig,
           steps: int, warmup: int, workers: int | None, prefetch: int) -> float:
-  it = data.train_batches(name, data_dir=data_dir, batch_size=batch_size, image_size=image_size,
+  it = pipeline.train_batches(name, data_dir=data_dir, batch_size=batch_size, image_size=image_size,
                           channels=channels, seed=0, augment=augment, num_workers=workers,
                           prefetch=prefetch)
   for _ in range(warmup):
@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   start = time.perf_counter()
-  data.prepare(args.data, args.data_dir)
-  large = data.DATASETS[args.data.split('/')[0]].large
+  datasets.prepare(args.data, args.data_dir)
+  large = datasets.info(args.data, args.data_dir).large
   if not large:
-    data.load_arrays(args.data, 'train', args.data_dir)
+    datasets.load_arrays(args.data, 'train', args.data_dir)
   print(f'{args.data}: prepared and loaded in {time.perf_counter() - start:.1f} s')
   presets = ['none', 'standard', 'paper'] if args.augment == 'all' else [args.augment]
   # pylint: disable-next=protected-access
-  workers = args.workers if args.workers is not None else data._default_workers()
+  workers = args.workers if args.workers is not None else pipeline._default_workers()
   for preset in presets:
     rate = bench(args.data, data_dir=args.data_dir, image_size=args.image_size,
                  batch_size=args.batch_size, channels=args.channels,

@@ -72,8 +72,8 @@ def _train_in_process(step, seed, workdir, table, ladder_name, options, override
        f'--workdir={workdir}', f'--config.step_table={table}',
        *[f'--config.{o}' for o in overrides]])
   try:
-    train.train_and_evaluate(config, workdir)
-  except (train.TrainingDiverged, train.data_lib.DatasetUnavailable) as e:
+    return train.train_and_evaluate(config, workdir).get('times', {})
+  except (train.TrainingDiverged, train.datasets.DatasetUnavailable) as e:
     raise UsageError(f'training {step} seed {seed} failed: {e}') from None
 
 
@@ -84,13 +84,17 @@ def _train_subprocess(step, seed, workdir, table, ladder_name, options, override
          f'--workdir={workdir}', f'--config.step_table={table}']
   cmd += [f'--config.{o}' for o in overrides]
   with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
-    log.write(proc.stderr)
+    log.write(proc.stdout + proc.stderr)
   if proc.returncode != 0:
     last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or ['(no message)']
     raise UsageError(f'training {step} seed {seed} failed (exit {proc.returncode}): {last[0]} '
                      f'(log: {workdir}/train.log)')
+  try:   # the trainer's last stdout line is its result
+    return json.loads(proc.stdout.strip().splitlines()[-1]).get('times', {})
+  except (ValueError, IndexError):
+    return {}
 
 
 def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
@@ -120,11 +124,16 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
     workdir = os.path.join(out, 'runs', step, f'seed{seed}')
     t0 = time.time()
     if isolate:
-      _train_subprocess(step, seed, workdir, table, ladder_name, options, overrides, env)
+      phases = _train_subprocess(step, seed, workdir, table, ladder_name, options, overrides, env)
     else:
-      _train_in_process(step, seed, workdir, table, ladder_name, options, overrides)
+      phases = _train_in_process(step, seed, workdir, table, ladder_name, options, overrides)
     durations.append(time.time() - t0)
+    # Where the run's time went; 'outside_s' is what the trainer did not see (process start and
+    # imports with --isolate, the runner's own work).
+    record = {'step': step, 'seed': seed, 'seconds': round(durations[-1], 1), **phases}
+    if phases.get('total_s') is not None:
+      record['outside_s'] = round(durations[-1] - phases['total_s'], 2)
     with open(times_file, 'a') as f:
-      f.write(json.dumps({'step': step, 'seed': seed, 'seconds': round(durations[-1], 1)}) + '\n')
+      f.write(json.dumps(record) + '\n')
   print(f'done: {len(todo)} runs in {_format_duration(time.time() - start)}', flush=True)
   return len(todo)

@@ -16,7 +16,7 @@ COLUMNS = (
     'ladder', 'step', 'step_index', 'seed', 'data', 'image_size', 'scale', 'epochs', 'steps',
     'batch_size', 'params', 'gmacs', 'top1', 'top5', 'test_loss', 'train_loss', 'train_img_per_s',
     'wall_s', 'device_kind', 'device_count', 'process_count', 'versions', 'git_commit',
-    'config_hash', 'time', 'workdir')
+    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss')
 
 
 def _line(values: dict) -> str:
@@ -35,8 +35,15 @@ def append_row(path: str, row: dict) -> None:
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
     text = _line(row)
+    header = _line(dict(zip(COLUMNS, COLUMNS)))
     if os.fstat(fd).st_size == 0:
-      text = _line(dict(zip(COLUMNS, COLUMNS))) + text
+      text = header + text
+    else:
+      with open(path, newline='') as f:
+        first = f.readline()
+      if first != header:
+        raise ValueError(f'step table {path} has other columns than this version writes '
+                         f'({len(first.split(","))} instead of {len(COLUMNS)}): give a new table')
     os.write(fd, text.encode())
     os.fsync(fd)
   finally:

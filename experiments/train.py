@@ -32,8 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import data as data_lib
-from experiments import mixing, steptable
+from experiments import datasets, mixing, pipeline, steptable
 from experiments.checkpoint import Checkpoints
 from experiments.cli import UsageError
 from experiments.malloc import keep_freed_memory
@@ -74,6 +73,36 @@ class Schedule:
     return self.steps(paper_epochs * self.epochs / self.paper_epochs)
 
 
+class Stopwatch:
+  """Seconds spent per phase of a run (setup, compile, train, checkpoint, eval), for
+  `run_times.jsonl`: where a run's time goes."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._start = time.perf_counter()
+
+  def add(self, phase: str, seconds: float) -> None:
+    self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+  def phase(self, name: str):
+    watch = self
+
+    class _Timer:
+      def __enter__(self):
+        self.t0 = time.perf_counter()
+
+      def __exit__(self, *exc):
+        watch.add(name, time.perf_counter() - self.t0)
+    return _Timer()
+
+  def summary(self) -> dict[str, float]:
+    total = time.perf_counter() - self._start
+    out = {k: round(v, 2) for k, v in self.seconds.items()}
+    out['other_s'] = round(total - sum(self.seconds.values()), 2)
+    out['total_s'] = round(total, 2)
+    return out
+
+
 def learning_rate(config, schedule: Schedule) -> optax.Schedule:
   o = config.optimizer
   peak = o.base_lr * config.batch_size / o.lr_batch
@@ -108,19 +137,27 @@ def optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
 
 # --- configuration --------------------------------------------------------------------------------
 
-def net_config(config, num_classes: int) -> NetConfig:
+def net_config(config, num_classes: int, in_channels: int = 1) -> NetConfig:
+  """The network of `config`; num_classes / in_channels of -1 are taken from the data."""
   values = config.model.to_dict()
   if values.get('num_classes', -1) == -1:
     values['num_classes'] = num_classes
+  if values.get('in_channels', -1) == -1:
+    values['in_channels'] = in_channels
   return NetConfig.from_dict(values)
 
 
-def augment_config(config) -> data_lib.AugmentConfig:
+def data_channels(config, info: datasets.DataInfo) -> int:
+  """The model's input channels: config.data.channels, or (0) the data set's own."""
+  return config.data.channels or info.channels
+
+
+def augment_config(config) -> pipeline.AugmentConfig:
   a = config.augment
   if a.crop not in ('random_resized', 'pad', 'none'):
     raise UsageError(f"augment.crop={a.crop!r}: must be 'random_resized', 'pad' or 'none'")
   try:
-    return data_lib.AugmentConfig(
+    return pipeline.AugmentConfig(
         random_resized_crop=a.crop == 'random_resized',
         random_crop_pad=a.crop_pad if a.crop == 'pad' else 0, hflip=a.hflip,
         randaugment_n=a.randaugment_n, randaugment_m=a.randaugment_m,
@@ -160,6 +197,14 @@ def validate(config) -> None:
                     f'{jax.device_count()}')
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     problems.append('log_every_steps and checkpoint_every_steps must be positive')
+  if config.data.validation < 0:
+    problems.append(f'data.validation={config.data.validation} must be >= 0')
+  if config.data.channels not in (0, 1, 3):
+    problems.append(f'data.channels={config.data.channels} must be 0 (the data\'s own), 1 or 3')
+  try:
+    datasets.validate_name(config.data.name)
+  except ValueError as e:
+    problems.append(f'data.name: {e}')
   if problems:
     raise UsageError('; '.join(problems))
 
@@ -312,10 +357,28 @@ class _Progress:
       self.bar.close()
 
 
+def prepare_data(name: str, data_dir: str | None) -> None:
+  """Prepares the data set once: with several processes, process 0 first while the others wait at
+  a barrier; then every process checks it can read the data (a no-op on a shared data dir)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    failure = ''
+    if jax.process_index() == 0:
+      try:
+        datasets.prepare(name, data_dir)
+      except datasets.DatasetUnavailable as e:
+        failure = str(e)
+    multihost_utils.sync_global_devices(f'modernize: prepared {name}')
+    if failure:
+      raise datasets.DatasetUnavailable(failure)
+  datasets.prepare(name, data_dir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics and
   appends the run's row to the step table."""
   start_time = time.time()
+  watch = Stopwatch()
   validate(config)
   augment = augment_config(config)
   net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
@@ -323,11 +386,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_main = jax.process_index() == 0
 
   data_dir = config.data.dir or None
-  data_lib.configure_tensorflow()
-  data_lib.prepare(config.data.name, data_dir)  # DatasetUnavailable: one line on how to get it
-  info = data_lib.info(config.data.name, data_dir)
-  num_train = config.data.train_examples or info.num_train
-  cfg = net_config(config, info.num_classes)
+  with watch.phase('data_s'):
+    prepare_data(config.data.name, data_dir)   # DatasetUnavailable: one line on how to get it
+    info = datasets.info(config.data.name, data_dir)
+  validation = config.data.validation
+  num_train = pipeline.split_size(info.num_train, info.num_test, 'train', validation)
+  if config.data.train_examples:
+    num_train = min(num_train, config.data.train_examples)
+  channels = data_channels(config, info)
+  cfg = net_config(config, info.num_classes, channels)
 
   mesh = jax.make_mesh((jax.device_count(),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -338,7 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schedule = Schedule(num_train / config.batch_size, config.epochs, paper_epochs(config))
   lr = learning_rate(config, schedule)
   tx = optimizer(config, lr)
-  graphdef, constants, state = create_state(config, cfg, tx, replicated)
+  with watch.phase('init_s'):
+    graphdef, constants, state = create_state(config, cfg, tx, replicated)
 
   train_step = jax.jit(make_train_step(config, graphdef, constants, tx, lr, info.num_classes),
                        in_shardings=(replicated, batch_sharding),
@@ -351,8 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = 0
   latest = checkpoints.latest_step()
   if latest is not None:
-    state = checkpoints.restore(latest, state)
-    start_step = int(state['step'])
+    with watch.phase('restore_s'):
+      state = checkpoints.restore(latest, state)
+      start_step = int(state['step'])
 
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -365,12 +434,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics_file.flush()
 
   total = schedule.total_steps
-  batches = data_lib.train_batches(
+  data_start = time.perf_counter()
+  batches = pipeline.train_batches(
       config.data.name, data_dir=data_dir, batch_size=local_batch,
-      image_size=config.data.image_size, channels=config.data.channels, seed=config.seed,
+      image_size=config.data.image_size, channels=channels, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=augment,
-      num_examples=config.data.train_examples or None, num_workers=config.data.threads)
+      num_examples=config.data.train_examples or None, validation=validation,
+      num_workers=config.data.threads)
+  watch.add('data_s', time.perf_counter() - data_start)
 
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -378,10 +450,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   window_loss, window_start, window_steps = [], time.time(), 0
   first_window = True   # holds the compilation: left out of the speed
   train_time, trained_steps, last_loss = 0.0, 0, float('nan')
+  loop_start, compile_s, checkpoint_s = time.perf_counter(), 0.0, 0.0
   try:
     for step in range(start_step, total):
       batch = _global_batch(next(batches), batch_sharding)
-      state, metrics = train_step(state, batch)
+      if step == start_step:   # tracing and compiling (or loading from the cache) happen here
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        compile_s = time.perf_counter() - t0
+      else:
+        state, metrics = train_step(state, batch)
       window_loss.append(metrics['loss'])
       window_steps += 1
       progress.update()
@@ -403,30 +481,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window_loss, window_start, window_steps = [], time.time(), 0
       if done % config.checkpoint_every_steps == 0 or done == total or preempted:
         _finite_losses(window_loss, done, workdir)   # never save a state that diverged
+        t0 = time.perf_counter()
         checkpoints.save(done, state, wait=bool(preempted) or done == total)
+        checkpoint_s += time.perf_counter() - t0
         if preempted:
           raise Preempted()
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
+    t0 = time.perf_counter()
     checkpoints.close()   # waits for an async save in flight, whatever ended the loop
+    checkpoint_s += time.perf_counter() - t0
+    watch.add('compile_s', compile_s)
+    watch.add('checkpoint_s', checkpoint_s)
+    watch.add('train_s', time.perf_counter() - loop_start - compile_s - checkpoint_s)
 
-  # Eval over the whole test split, exact on any device count (padding is masked out).
-  totals = {'correct1': 0, 'correct5': 0, 'loss': 0.0, 'count': 0}
-  for batch in data_lib.eval_batches(
-      config.data.name, data_dir=data_dir, batch_size=local_batch,
-      image_size=config.data.image_size, channels=config.data.channels,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_examples=config.data.test_examples or None, num_workers=config.data.threads):
-    out = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
-    for k in totals:
-      totals[k] += out[k]
-  count = int(totals['count'])
-  result = {'step': total, 'top1': 100.0 * totals['correct1'] / count,
-            'top5': 100.0 * totals['correct5'] / count, 'test_loss': float(totals['loss']) / count,
-            'test_examples': count, 'train_loss': last_loss,
-            'train_img_per_s': trained_steps * config.batch_size / train_time if train_time else 0.0,
-            'wall_s': time.time() - start_time}
+  # Eval over whole splits, exact on any device count (padding is masked out).
+  def evaluate(split: str) -> dict:
+    totals = {'correct1': 0, 'correct5': 0, 'loss': 0.0, 'count': 0}
+    for batch in pipeline.eval_batches(
+        config.data.name, data_dir=data_dir, batch_size=local_batch,
+        image_size=config.data.image_size, channels=channels,
+        process_index=jax.process_index(), process_count=jax.process_count(), split=split,
+        validation=validation, num_examples=config.data.test_examples or None,
+        num_workers=config.data.threads):
+      out = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
+      for k in totals:
+        totals[k] += out[k]
+    count = int(totals['count'])
+    return {'top1': 100.0 * totals['correct1'] / count, 'top5': 100.0 * totals['correct5'] / count,
+            'loss': float(totals['loss']) / count, 'count': count}
+
+  eval_start = time.perf_counter()
+  test = evaluate('test')
+  result = {'step': total, 'top1': test['top1'], 'top5': test['top5'], 'test_loss': test['loss'],
+            'test_examples': test['count'], 'train_loss': last_loss,
+            'train_img_per_s': trained_steps * config.batch_size / train_time if train_time else 0.0}
+  if validation:
+    val = evaluate('validation')
+    result.update({'val_top1': val['top1'], 'val_top5': val['top5'], 'val_loss': val['loss'],
+                   'val_examples': val['count']})
+  watch.add('eval_s', time.perf_counter() - eval_start)
+  result['wall_s'] = time.time() - start_time
+  result['times'] = watch.summary()
   log({k: v for k, v in result.items()})
   if metrics_file:
     metrics_file.close()
@@ -441,6 +538,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'gmacs': f'{count_macs(cfg, config.data.image_size) / 1e9:.6f}',
         'top1': f'{result["top1"]:.4f}', 'top5': f'{result["top5"]:.4f}',
         'test_loss': f'{result["test_loss"]:.6f}', 'train_loss': f'{last_loss:.6f}',
+        'validation': validation,
+        'val_top1': f'{result["val_top1"]:.4f}' if validation else '',
+        'val_loss': f'{result["val_loss"]:.6f}' if validation else '',
         'train_img_per_s': f'{result["train_img_per_s"]:.2f}',
         'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
@@ -523,7 +623,7 @@ def main(argv=None) -> int:
                       num_processes=flag_values.num_processes, process_id=flag_values.process_id)
       jax.distributed.initialize(**kwargs)
     result = train_and_evaluate(config, flag_values.workdir)
-  except (*EXPECTED, data_lib.DatasetUnavailable, TrainingDiverged) as e:
+  except (*EXPECTED, datasets.DatasetUnavailable, TrainingDiverged) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except Preempted:

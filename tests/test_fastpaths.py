@@ -335,8 +335,9 @@ def test_window_crop_and_presize_are_bit_exact():
   np.testing.assert_array_equal(got, padded[np.arange(20)[:, None, None], rows[:, :, None],
                                             cols[:, None, :]])
 
-  from experiments import data
-  transform = data._make_transform('fashion_mnist', 32, 1, None, A.AugmentConfig.paper(False))
+  from experiments import datasets, pipeline
+  transform = pipeline._make_transform(datasets.info('fashion_mnist'), 32, 1, None,
+                                       A.AugmentConfig.paper(False))
   np.testing.assert_array_equal(transform.train_arrays(transform.presize(images, chunk=7), keys),
                                 transform.train_arrays(images, keys))
 

@@ -1,0 +1,417 @@
+"""Input pipeline: a data set (experiments.datasets) -> deterministic, resumable, per-host batches.
+
+* **Index-based sampling.** The global training stream is a pure function of the seed: position g
+  (= step * global_batch + offset) holds training example permutation(seed, g // N)[g % N], and
+  every random augmentation of that example is drawn from a counter-based hash keyed by (seed, g)
+  (see `augment.py`). Hence a batch is a pure function of (data set, seed, step, process_index,
+  process_count, augmentation config, validation hold-out); `start_step=s` computes step s
+  directly, with no replay; epochs roll over forever (a batch may straddle an epoch boundary; every
+  example is seen once per epoch); host p of P reads rows [p * B, (p + 1) * B) of each global batch
+  of P * B, so hosts are disjoint and the stream does not depend on the host count.
+* **Transforms** (numpy and PIL; no TensorFlow). Train: random-resized-crop (or resize +
+  pad-and-crop for small images), flip, RandAugment on uint8, normalise, Random Erasing; eval: resize
+  the shorter side to image_size / crop_pct, centre crop (crop_pct 0.875 for the ImageNet-like sets,
+  1.0 otherwise), normalise. Encoded images (JPEG / PNG) are decoded and crop-resized with PIL
+  (bicubic, antialiased, as timm / torchvision do). Grayscale images are augmented on one channel and
+  replicated to `channels=3` after normalisation; RGB images fed to a 1-channel model become luma.
+* **Parallelism.** Each batch is one task; `num_workers` threads compute whole batches ahead of the
+  consumer (`prefetch` extra). numpy (large arrays) and PIL release the GIL. Default workers: half
+  the cores ($MODERNIZE_DATA_WORKERS overrides).
+* **Validation.** `validation=N` holds N training examples out of training
+  (`datasets.split_indices`); `eval_batches(split='validation')` evaluates exactly those.
+* **Eval is exact on any device count.** Global eval batch k covers positions
+  [k * P * B, (k + 1) * P * B); every host yields the same number of batches; rows past the end of the
+  split are zeros with mask False.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from experiments import augment as aug
+from experiments import datasets
+from experiments.augment import AugmentConfig
+
+__all__ = ['AugmentConfig', 'eval_batches', 'num_eval_batches', 'split_size', 'train_batches',
+           'train_indices']
+
+# --- sampling -------------------------------------------------------------------------------------
+
+class _Permutations:
+  """permutation(seed, epoch) with a small cache (a step needs at most two epochs)."""
+
+  def __init__(self, seed: int, n: int):
+    self.seed, self.n = seed, n
+    self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      if epoch in self._cache:
+        self._cache.move_to_end(epoch)
+        return self._cache[epoch]
+    perm = aug.permutation(self.seed, epoch, self.n)
+    with self._lock:
+      self._cache[epoch] = perm
+      while len(self._cache) > 3:
+        self._cache.popitem(last=False)
+    return perm
+
+
+def _positions(step: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  start = step * batch_size * process_count + process_index * batch_size
+  return np.arange(start, start + batch_size, dtype=np.int64)
+
+
+def _indices_at(positions: np.ndarray, n: int, perms: Callable[[int], np.ndarray]) -> np.ndarray:
+  epochs = positions // n
+  out = np.empty_like(positions)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    out[sel] = perms(int(epoch))[positions[sel] % n]
+  return out
+
+
+def train_indices(num_examples: int, *, seed: int, step: int, batch_size: int,
+                  process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(example indices, global positions) of this host's share of training batch `step`."""
+  positions = _positions(step, batch_size, process_index, process_count)
+  perms = _Permutations(seed, num_examples)
+  return _indices_at(positions, num_examples, perms), positions
+
+
+# --- transforms -----------------------------------------------------------------------------------
+
+class BadImage(Exception):
+  """Image `index` of a batch could not be decoded."""
+
+  def __init__(self, index: int, error: Exception):
+    super().__init__(f'{index}: {error}')
+    self.index, self.error = index, error
+
+
+def _decoded(source, rows: np.ndarray, decode: Callable[[list[bytes]], np.ndarray]):
+  """(decode(blobs of rows), labels); an undecodable image becomes DatasetUnavailable naming it."""
+  blobs, labels = source.read(rows)
+  try:
+    return decode(blobs), labels
+  except BadImage as e:
+    row = int(rows[e.index])
+    where = source.name(row) if hasattr(source, 'name') else f'example {row}'
+    raise datasets.DatasetUnavailable(f'cannot decode image {where}: {e.error}') from None
+
+
+@dataclasses.dataclass
+class _Transform:
+  """Everything between raw examples and a normalised batch."""
+  image_size: int
+  stored_channels: int
+  channels: int
+  mean: np.ndarray        # per working channel (after an RGB -> luma conversion, if any)
+  std: np.ndarray
+  crop_pct: float
+  augment: AugmentConfig
+
+  @property
+  def fill(self) -> tuple[int, ...]:
+    return tuple(int(round(255 * m)) for m in self.mean)
+
+  def working(self, images: np.ndarray) -> np.ndarray:
+    """RGB -> luma when the model wants one channel."""
+    if self.channels == 1 and images.shape[-1] == 3:
+      return aug.to_grayscale(images)
+    return images
+
+  def finish(self, images: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
+    """uint8 (B, S, S, c) -> float32 (B, S, S, channels): [RandAugment,] normalise[, erasing]."""
+    a = self.augment
+    if keys is not None and a.randaugment_n > 0:
+      images = aug.rand_augment(images, keys, a.randaugment_n, a.randaugment_m,
+                                a.randaugment_mstd, a.randaugment_prob, fill=self.fill)
+    out = images.astype(np.float32)
+    out *= (1.0 / (255.0 * self.std)).astype(np.float32)
+    out -= (self.mean / self.std).astype(np.float32)
+    if keys is not None and a.random_erasing_prob > 0:
+      out = aug.random_erasing(out, keys, a.random_erasing_prob, a.erasing_area,
+                               a.erasing_min_aspect)
+    if self.channels == 3 and out.shape[-1] == 1:
+      out = np.repeat(out, 3, axis=-1)
+    return np.ascontiguousarray(out)
+
+  # Small images held in memory.
+  def presize(self, images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The whole split resized once (the same deterministic resize `train_arrays` would apply to
+    every batch) when the crop is not random-resized; else the images unchanged."""
+    if self.augment.random_resized_crop or images.shape[1:3] == (self.image_size,) * 2:
+      return images
+    return np.concatenate([aug.resize(images[i:i + chunk], self.image_size)
+                           for i in range(0, len(images), chunk)])
+
+  def train_arrays(self, images: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """`images`: raw, or already `presize`d (the resize is then the identity)."""
+    a, s = self.augment, self.image_size
+    _, h, w, _ = images.shape
+    if a.random_resized_crop:
+      boxes = aug.random_resized_crop_boxes(keys, h, w, a.rrc_scale, a.rrc_ratio)
+      images = aug.resize_boxes(images, boxes, s)
+    else:
+      images = aug.resize(images, s)
+      images = aug.random_crop_pad(images, keys, a.random_crop_pad)
+    images = self.working(images)
+    if a.hflip:
+      images = aug.random_hflip(images, keys)
+    return self.finish(images, keys)
+
+  def eval_arrays(self, images: np.ndarray) -> np.ndarray:
+    return self.finish(self.working(aug.resize(images, self.image_size, self.crop_pct)), None)
+
+  # Encoded images (JPEG, PNG) of any size.
+  def _decode(self, blobs: list[bytes], box_fn) -> np.ndarray:
+    """Decoded, box-cropped and resized to (B, S, S, stored channels); BadImage(i) if blob i is
+    not a readable image."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    s = self.image_size
+    opened = []
+    for i, blob in enumerate(blobs):
+      try:
+        opened.append(Image.open(io.BytesIO(blob)))
+      except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(i, e) from None
+    sizes = np.array([im.size for im in opened], np.float64).reshape(-1, 2)  # (width, height)
+    boxes = box_fn(sizes[:, 1], sizes[:, 0])                                  # (top, left, h, w)
+    out = np.empty((len(blobs), s, s, self.stored_channels), np.uint8)
+    for i, im in enumerate(opened):
+      top, left, bh, bw = boxes[i]
+      try:
+        im = datasets.to_mode(im, self.stored_channels)
+        im = im.resize((s, s), Image.BICUBIC, box=(left, top, left + bw, top + bh))
+      except (OSError, ValueError, SyntaxError) as e:   # e.g. a truncated file
+        raise BadImage(i, e) from None
+      out[i] = np.asarray(im).reshape(s, s, self.stored_channels)
+    return out
+
+  def train_encoded(self, blobs: list[bytes], keys: np.ndarray) -> np.ndarray:
+    a = self.augment
+    if a.random_resized_crop:
+      box_fn = lambda h, w: aug.random_resized_crop_boxes(keys, h, w, a.rrc_scale, a.rrc_ratio)
+      images = self._decode(blobs, box_fn)
+    else:
+      images = self._decode(blobs, lambda h, w: aug.center_box(h, w, self.image_size, 1.0))
+      images = aug.random_crop_pad(images, keys, a.random_crop_pad)
+    images = self.working(images)
+    if a.hflip:
+      images = aug.random_hflip(images, keys)
+    return self.finish(images, keys)
+
+  def eval_encoded(self, blobs: list[bytes]) -> np.ndarray:
+    box_fn = lambda h, w: aug.center_box(h, w, self.image_size, self.crop_pct)
+    return self.finish(self.working(self._decode(blobs, box_fn)), None)
+
+
+def _make_transform(info: datasets.DataInfo, image_size: int | None, channels: int | None,
+                    crop_pct: float | None, augment: AugmentConfig | None) -> _Transform:
+  stored = info.channels
+  channels = channels or stored
+  if channels not in (1, 3):
+    raise ValueError(f'channels must be 1 or 3, not {channels}')
+  size = image_size or info.default_size or info.image_shape[0]
+  if not size:
+    raise ValueError(f'{info.name}: images of varying sizes need an image_size')
+  mean, std = np.array(info.mean, np.float64), np.array(info.std, np.float64)
+  if channels == 1 and stored == 3:  # luma of the statistics (the std is an approximation)
+    weights = np.array([0.299, 0.587, 0.114])
+    mean, std = np.array([mean @ weights]), np.array([std @ weights])
+  if crop_pct is None:
+    crop_pct = 0.875 if info.large and info.default_size else 1.0
+  return _Transform(size, stored, channels, mean, std, crop_pct, augment or AugmentConfig())
+
+
+# --- iterators ------------------------------------------------------------------------------------
+
+def _default_workers() -> int:
+  env = os.environ.get('MODERNIZE_DATA_WORKERS')
+  if env:
+    return int(env)
+  return max(1, min(32, (os.cpu_count() or 2) // 2))
+
+
+def _prefetched(fn: Callable[[int], Any], start: int, stop: int | None, num_workers: int,
+                prefetch: int) -> Iterator[Any]:
+  """fn(start), fn(start + 1), ... computed by `num_workers` threads, `prefetch` extra ahead."""
+  if num_workers <= 0:
+    k = start
+    while stop is None or k < stop:
+      yield fn(k)
+      k += 1
+    return
+  executor = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix='modernize-data')
+  pending: collections.deque = collections.deque()
+  k = start
+  try:
+    while True:
+      while len(pending) < num_workers + prefetch and (stop is None or k < stop):
+        pending.append(executor.submit(fn, k))
+        k += 1
+      if not pending:
+        return
+      yield pending.popleft().result()
+  finally:
+    for future in pending:
+      future.cancel()
+    try:
+      executor.shutdown(wait=False, cancel_futures=True)
+    except Exception:  # pylint: disable=broad-except  # interpreter teardown
+      pass
+
+
+def _subset(indices: np.ndarray, num_examples: int | None) -> np.ndarray:
+  if num_examples is None or num_examples <= 0:
+    return indices
+  return indices[:int(num_examples)]
+
+
+def split_size(num_train: int, num_test: int, split: str, validation: int = 0) -> int:
+  """Examples in `split` ('train', 'validation' or 'test') with `validation` held out of train."""
+  if split == 'test':
+    return num_test
+  train, held_out = datasets.split_indices(num_train, validation)
+  return len(train) if split == 'train' else len(held_out)
+
+
+class _Split:
+  """One split of a data set as (transform-ready) rows: in-memory arrays or encoded records.
+  `rows` maps the split's example k to the stored example rows[k] (validation hold-out, subsets)."""
+
+  def __init__(self, name: str, data_dir, split: str, validation: int,
+               num_examples: int | None, info: datasets.DataInfo):
+    stored = 'test' if split == 'test' else 'train'
+    if info.large:
+      self.source = datasets.record_source(name, data_dir, stored)
+      total = len(self.source)
+      self.images = self.labels = None
+    else:
+      self.source = None
+      self.images, self.labels = datasets.load_arrays(name, stored, data_dir)
+      total = len(self.labels)
+    if split == 'test':
+      rows = np.arange(total, dtype=np.int64)
+    else:
+      train, held_out = datasets.split_indices(total, validation)
+      rows = train if split == 'train' else held_out
+    self.rows = _subset(rows, num_examples)
+    if self.images is not None and len(self.rows) != total:   # gather once, not per batch
+      self.images, self.labels = self.images[self.rows], self.labels[self.rows]
+      self.rows = np.arange(len(self.rows), dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+
+def _check_split(split: str, validation: int) -> None:
+  if split not in ('train', 'validation', 'test'):
+    raise ValueError(f'split must be train, validation or test, not {split!r}')
+  if split == 'validation' and validation <= 0:
+    raise ValueError('the validation split needs validation > 0 held-out examples')
+
+
+def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_size: int,
+                  image_size: int | None = None, channels: int | None = None, seed: int = 0,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  augment: AugmentConfig | None = None, num_examples: int | None = None,
+                  validation: int = 0, num_workers: int | None = None,
+                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Endless training batches for this host, from step `start_step` on.
+
+  Yields {'image': float32 (batch_size, image_size, image_size, channels) normalised,
+  'label': int32 (batch_size,)}. `batch_size` is per host; the global batch is
+  batch_size * process_count. A pure function of (name, seed, step, process_index, process_count,
+  augment, validation[, num_examples]): `start_step=s` yields exactly what an unbroken iterator
+  yields from step s on. validation: training examples held out (never trained on). num_examples:
+  train on the first num_examples of the (remaining) split only (smoke runs); None = all.
+  num_workers: batch-building threads (None: half the cores; 0: synchronous); prefetch: batches
+  computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised here).
+  """
+  info = datasets.info(name, data_dir)
+  transform = _make_transform(info, image_size, channels, None, augment)
+  if batch_size <= 0 or start_step < 0:
+    raise ValueError(f'need batch_size > 0 and start_step >= 0, not {batch_size}, {start_step}')
+  _positions(0, batch_size, process_index, process_count)  # validates the host arguments
+  data = _Split(name, data_dir, 'train', validation, num_examples, info)
+  n = len(data)
+  perms = _Permutations(seed, n)
+
+  if info.large:
+    def batch(step: int) -> dict[str, np.ndarray]:
+      positions = _positions(step, batch_size, process_index, process_count)
+      keys = aug.example_keys(seed, positions)
+      images, labels = _decoded(data.source, data.rows[_indices_at(positions, n, perms)],
+                                lambda blobs: transform.train_encoded(blobs, keys))
+      return {'image': images, 'label': labels}
+  else:
+    images = transform.presize(data.images)   # once, instead of in every batch
+    labels = data.labels
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+      positions = _positions(step, batch_size, process_index, process_count)
+      idx = _indices_at(positions, n, perms)
+      keys = aug.example_keys(seed, positions)
+      return {'image': transform.train_arrays(images[idx], keys), 'label': labels[idx]}
+
+  workers = _default_workers() if num_workers is None else num_workers
+  return _prefetched(batch, start_step, None, workers, prefetch)
+
+
+def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
+  return -(-num_examples // (batch_size * process_count))
+
+
+def eval_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_size: int,
+                 image_size: int | None = None, channels: int | None = None,
+                 process_index: int = 0, process_count: int = 1, crop_pct: float | None = None,
+                 split: str = 'test', validation: int = 0, num_examples: int | None = None,
+                 num_workers: int | None = None,
+                 prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """This host's share of a whole split ('test', or 'validation': the `validation` examples held
+  out of training), in order, ceil(N / (batch_size * process_count)) batches on every host. Yields
+  'image', 'label' and 'mask' (bool (batch_size,), False on padding).
+
+  crop_pct: eval centre crop (default 0.875 for imagenette / imagenet2012, 1.0 otherwise).
+  num_examples: evaluate the first num_examples of the split only (smoke runs); None = all.
+  """
+  _check_split(split, validation)
+  info = datasets.info(name, data_dir)
+  transform = _make_transform(info, image_size, channels, crop_pct, None)
+  if batch_size <= 0:
+    raise ValueError('batch_size must be positive')
+  s, c = transform.image_size, transform.channels
+  data = _Split(name, data_dir, split, validation, num_examples, info)
+  n = len(data)
+
+  if info.large:
+    def compute(idx: np.ndarray):
+      return _decoded(data.source, data.rows[idx], transform.eval_encoded)
+  else:
+    def compute(idx: np.ndarray):
+      return transform.eval_arrays(data.images[idx]), data.labels[idx]
+
+  def batch(k: int) -> dict[str, np.ndarray]:
+    positions = _positions(k, batch_size, process_index, process_count)
+    mask = positions < n
+    image = np.zeros((batch_size, s, s, c), np.float32)
+    label = np.zeros((batch_size,), np.int32)
+    if mask.any():
+      image[mask], label[mask] = compute(positions[mask])
+    return {'image': image, 'label': label, 'mask': mask}
+
+  workers = _default_workers() if num_workers is None else num_workers
+  return _prefetched(batch, 0, num_eval_batches(n, batch_size, process_count), workers, prefetch)
