@@ -4,6 +4,8 @@
   python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side]
                                    [--options data=...,scale=...] [--set field=value ...]
   python -m experiments.ladder show --out DIR [--table PATH]
+  python -m experiments.ladder calibrate --out DIR --recipe original|enhanced --validation N
+                                         --grid field=v1,v2 [--grid ...] [--seeds N] [--options ...]
 
 `steps` prints every step's parameters and multiply-accumulates (GMACs, the paper's "FLOPs") at
 224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11).
@@ -108,10 +110,37 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--show', action='store_true', help='render the ladder view when done')
   run.add_argument('--isolate', action='store_true',
                    help='train each run in its own process (default: all in this one)')
+  cal = sub.add_parser('calibrate', help="choose a recipe's settings on a validation split "
+                      '(experiments/calibrate.py)')
+  cal.add_argument('--out', required=True)
+  cal.add_argument('--recipe', required=True, choices=['original', 'enhanced'])
+  cal.add_argument('--grid', action='append', default=[], metavar='FIELD=V1,V2',
+                   help='config field and the values to try (repeatable; every combination)')
+  cal.add_argument('--validation', type=int, required=True,
+                   help='training examples held out as the validation split')
+  cal.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
+  cal.add_argument('--seeds', type=int, default=1)
+  cal.add_argument('--options', default='')
+  cal.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                   help='config override fixed for every trial (repeatable)')
+  cal.add_argument('--isolate', action='store_true')
   view = sub.add_parser('show', help='render the step table as the ladder (table + chart)')
   view.add_argument('--out', required=True)
   view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
   args = parser.parse_args(argv)
+
+  if args.command == 'calibrate':
+    from experiments import calibrate  # pylint: disable=import-outside-toplevel
+    from experiments.train import enable_compilation_cache, quiet_libraries  # pylint: disable=import-outside-toplevel
+    quiet_libraries()
+    enable_compilation_cache()
+    result = calibrate.calibrate(
+        args.out, recipe=args.recipe, grid=calibrate.parse_grid(args.grid),
+        validation=args.validation, ladder_name=args.ladder, seeds=args.seeds,
+        options=args.options, overrides=args.set, isolate=args.isolate)
+    print(calibrate.format_result(result))
+    print(f'wrote {args.out}/calibration.json and {args.out}/trials.jsonl')
+    return 0
 
   if args.command in ('run', 'show'):
     from experiments import ladder_run, ladder_view  # pylint: disable=import-outside-toplevel

@@ -44,7 +44,7 @@ def _config_arg(step: str, seed: int, ladder_name: str, options: str) -> str:
 def _resolve(config_arg: str, overrides: list[str]):
   """The config `experiments.train` resolves from the same arguments."""
   from experiments import train  # pylint: disable=import-outside-toplevel
-  config, _ = train._parse_flags(['train', f'--config={CONFIG}:{config_arg}', '--workdir=-',
+  config, _ = train.parse_flags(['train', f'--config={CONFIG}:{config_arg}', '--workdir=-',
                                   *[f'--config.{o}' for o in overrides]])
   return config
 
@@ -67,7 +67,7 @@ def _format_duration(seconds: float) -> str:
 
 def _train_in_process(step, seed, workdir, table, ladder_name, options, overrides):
   from experiments import train  # pylint: disable=import-outside-toplevel
-  config, _ = train._parse_flags(  # pylint: disable=protected-access
+  config, _ = train.parse_flags(
       ['train', f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
        f'--workdir={workdir}', f'--config.step_table={table}',
        *[f'--config.{o}' for o in overrides]])

@@ -572,7 +572,9 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_remove_custom_partitioning_ptr_from_cache_key', True)
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
+  """(config, flag values) from a trainer command line (argv[0] is the program); UsageError on
+  bad flags. The ladder runner resolves its configs through here, exactly as the trainer does."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -615,7 +617,7 @@ def main(argv=None) -> int:
   quiet_libraries()
   enable_compilation_cache()
   try:
-    config, flag_values = _parse_flags(argv)
+    config, flag_values = parse_flags(argv)
     if flag_values.distributed:
       kwargs = {}
       if flag_values.coordinator:

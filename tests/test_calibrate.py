@@ -1,0 +1,73 @@
+"""`ladder calibrate` end to end on smoke runs: what it trains, what it writes, how it chooses."""
+
+import json
+import statistics
+
+import pytest
+
+from experiments import calibrate, ladder, steptable
+from experiments.cli import UsageError
+
+
+def test_calibration_steps_are_the_first_and_last_of_each_recipe():
+  assert calibrate.calibration_steps('resnet50', 'original') == ['resnet50']
+  assert calibrate.calibration_steps('resnet50', 'enhanced') == ['enhanced_recipe', 'convnext_t']
+
+
+def test_grid():
+  grid = calibrate.parse_grid(['optimizer.base_lr=1e-3, 2e-3', 'model.layer_scale_init=1e-6,0.1'])
+  assert grid == [('optimizer.base_lr', ['1e-3', '2e-3']),
+                  ('model.layer_scale_init', ['1e-6', '0.1'])]
+  assert calibrate.settings(grid) == [
+      {'optimizer.base_lr': a, 'model.layer_scale_init': b}
+      for a in ('1e-3', '2e-3') for b in ('1e-6', '0.1')]
+  for bad in (['x'], ['a=,'], ['=1'], ['a=1', 'a=2'], ['a b=1']):
+    with pytest.raises(UsageError):
+      calibrate.parse_grid(bad)
+
+
+def test_calibrate_end_to_end(tmp_path, capsys):
+  out = tmp_path / 'cal'
+  code = ladder.main(['calibrate', '--out', str(out), '--recipe', 'original', '--validation',
+                      '200', '--seeds', '2', '--grid', 'optimizer.base_lr=0.01,0.1',
+                      '--options', 'smoke'])
+  assert code == 0
+  result = json.loads((out / 'calibration.json').read_text())
+  trials = [json.loads(l) for l in (out / 'trials.jsonl').read_text().splitlines()]
+  assert result['steps'] == ['resnet50'] and result['validation'] == 200
+  assert len(trials) == 2 * 2                     # settings x seeds x steps
+  # The choice, recomputed from the trials: the highest mean validation top-1.
+  means = {}
+  for lr in ('0.01', '0.1'):
+    means[lr] = statistics.fmean(t['val_top1'] for t in trials
+                                 if t['setting'] == {'optimizer.base_lr': lr})
+  assert [t['mean_val_top1'] for t in result['tried']] == pytest.approx(list(means.values()))
+  assert result['chosen'] == {'optimizer.base_lr': max(means, key=means.get)}
+  # Each trial is an ordinary run with the hold-out and the setting; the test split is not shown.
+  for lr in ('0.01', '0.1'):
+    rows = steptable.read_rows(str(out / f'optimizer.base_lr={lr}' / 'steps.csv'))
+    assert sorted(int(r['seed']) for r in rows) == [0, 1]
+    assert all(r['validation'] == '200' and r['val_top1'] for r in rows)
+    config = json.loads((out / f'optimizer.base_lr={lr}' / 'runs' / 'resnet50' / 'seed0' /
+                         'config.json').read_text())
+    assert config['optimizer']['base_lr'] == float(lr) and config['data']['validation'] == 200
+  assert 'top1' not in json.dumps(result).replace('val_top1', '')
+  assert 'chosen' in capsys.readouterr().out
+  # Rerunning trains nothing new and chooses the same.
+  assert ladder.main(['calibrate', '--out', str(out), '--recipe', 'original', '--validation',
+                      '200', '--seeds', '2', '--grid', 'optimizer.base_lr=0.01,0.1',
+                      '--options', 'smoke']) == 0
+  assert json.loads((out / 'calibration.json').read_text())['chosen'] == result['chosen']
+  assert 'already in' in capsys.readouterr().out
+
+
+def test_calibrate_bad_input(tmp_path, capsys):
+  for args in (['--validation', '0', '--grid', 'optimizer.base_lr=1'],
+               ['--validation', '10', '--grid', 'data.validation=1'],
+               ['--validation', '10', '--grid', 'optimizer.base_lr=1',
+                '--set', 'optimizer.base_lr=2']):
+    with pytest.raises(SystemExit) as e:
+      ladder.main(['calibrate', '--out', str(tmp_path), '--recipe', 'original', *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1
