@@ -134,10 +134,10 @@ def test_references_skip_side_branches():
 
 
 def test_preprocess_matches_the_test_pipeline():
-  from experiments import data as data_lib
-  images, _ = data_lib.load_arrays('fashion_mnist', 'test')
+  from experiments import datasets, pipeline
+  images, _ = datasets.load_arrays('fashion_mnist', 'test')
   for size, channels in ((32, 1), (28, 3)):
-    batch = next(iter(data_lib.eval_batches('fashion_mnist', batch_size=64, image_size=size,
+    batch = next(iter(pipeline.eval_batches('fashion_mnist', batch_size=64, image_size=size,
                                             channels=channels, num_workers=0)))
     mine = analyze.preprocess(images[:64], ('fashion_mnist', '', size, channels))
     assert mine.shape == batch['image'].shape
