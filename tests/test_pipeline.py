@@ -20,26 +20,6 @@ PAPER_SMALL = AugmentConfig.paper(large=False)
 FM = 'fashion_mnist'
 
 
-@pytest.fixture(autouse=True)
-def hermetic(tmp_path, monkeypatch):
-  """No test reads the user's tfds dir, Fashion-MNIST dir or download setting."""
-  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'default-tfds-dir'))
-  monkeypatch.delenv('MODERNIZE_FASHION_MNIST_DIR', raising=False)
-  monkeypatch.delenv('MODERNIZE_DATA_DOWNLOAD', raising=False)
-
-
-@pytest.fixture
-def fashion(monkeypatch):
-  """Debian's Fashion-MNIST directory (package dataset-fashion-mnist), selected explicitly."""
-  source = datasets.FASHION_MNIST_DEBIAN_DIR
-  if not all(os.path.exists(os.path.join(source, f))
-             for files in datasets.FASHION_MNIST_FILES.values() for f in files):
-    pytest.skip(f'needs the Debian package dataset-fashion-mnist ({source}): '
-                'apt-get install dataset-fashion-mnist')
-  monkeypatch.setenv('MODERNIZE_FASHION_MNIST_DIR', source)
-  return source
-
-
 def _denormalize(images, info):
   return (images * np.array(info.std) + np.array(info.mean)) * 255.0
 
