@@ -1,5 +1,6 @@
 # make test    set up .venv (and the Debian Fashion-MNIST files) on a fresh machine, run the tests
 # make ladder  set up, then train and show the default CPU ladder on Fashion-MNIST
+# make ladder-quick  a rough ladder in minutes (one seed, a tenth of the training; not at plateau)
 # make bench   set up (with PyTorch/timm), then time JAX against timm (README, "Speed on CPU")
 PYTHON ?= python3
 VENV := .venv
@@ -9,13 +10,16 @@ STAMP_CORE := $(VENV)/.installed-core
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# The default CPU ladder (README, "The ladder"): Fashion-MNIST at 32x32, model scale 'cpu',
-# 2 seeds, every adopted step.
+# The default CPU ladder (README, "The ladder"): Fashion-MNIST at 32x32, model scale 'cpu', the
+# calibrated CPU miniature recipe (configs/ladder.py, MINIATURE), every adopted step.
 LADDER_OUT ?= runs/ladder
-LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,length=0.004
+LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature
 LADDER_SEEDS ?= 2
+# A rough look in minutes: the same ladder, one seed, a tenth of the training. Not at plateau.
+QUICK_OUT ?= runs/ladder-quick
+QUICK_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature,longer=0.1
 
-.PHONY: venv venv-core test test-fast ladder bench data clean
+.PHONY: venv venv-core test test-fast ladder ladder-quick bench data clean
 
 venv: $(STAMP)
 venv-core: $(STAMP_CORE)
@@ -47,6 +51,10 @@ test-fast: venv data
 ladder: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
 	  --options $(LADDER_OPTIONS) --show
+
+ladder-quick: venv-core data
+	$(BIN)/python -m experiments.ladder run --out $(QUICK_OUT) --seeds 1 \
+	  --options $(QUICK_OPTIONS) --show --note 'QUICK LOOK: one seed, a tenth of the training; not at plateau, not evidence'
 
 # Every ladder step at batch 32, 32x32 and 64x64, beside timm where it has the network; the
 # CPU ladder's training against its input pipeline. The table at the end; JSON lines in

@@ -3,6 +3,7 @@
   python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets] [--json]
   python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side]
                                    [--options data=...,scale=...] [--set field=value ...]
+                                   [--plateau-check]
   python -m experiments.ladder show --out DIR [--table PATH]
   python -m experiments.ladder calibrate --out DIR --recipe original|enhanced --validation N
                                          --grid field=v1,v2 [--grid ...] [--seeds N] [--options ...]
@@ -108,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                    help='config override passed as --config.FIELD=VALUE (repeatable)')
   run.add_argument('--show', action='store_true', help='render the ladder view when done')
+  run.add_argument('--note', default='', help='with --show: a line under every title')
   run.add_argument('--isolate', action='store_true',
                    help='train each run in its own process (default: all in this one)')
+  run.add_argument('--plateau-check', action='store_true',
+                   help='train --steps (default resnet50, enhanced_recipe, convnext_t) as '
+                        'configured (OUT/1x) and twice as long (OUT/2x); print and write '
+                        'OUT/plateau.json')
   cal = sub.add_parser('calibrate', help="choose a recipe's settings on a validation split "
                       '(experiments/calibrate.py)')
   cal.add_argument('--out', required=True)
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   view = sub.add_parser('show', help='render the step table as the ladder (table + chart)')
   view.add_argument('--out', required=True)
   view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
+  view.add_argument('--note', default='', help="a line under every title (e.g. 'not at plateau')")
   args = parser.parse_args(argv)
 
   if args.command == 'calibrate':
@@ -147,13 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.train import enable_compilation_cache, quiet_libraries  # pylint: disable=import-outside-toplevel
     quiet_libraries()
     enable_compilation_cache()
+    if args.command == 'run' and args.plateau_check:
+      result = ladder_run.plateau_check(
+          args.out, ladder_name=args.ladder, steps=[s for s in args.steps.split(',') if s] or None,
+          seeds=args.seeds, options=args.options, overrides=args.set, isolate=args.isolate)
+      print(ladder_run.format_plateau(result))
+      print(f'wrote {args.out}/plateau.json')
+      return 0
     if args.command == 'run':
       ladder_run.run(args.out, ladder_name=args.ladder,
                      steps=[s for s in args.steps.split(',') if s] or None, seeds=args.seeds,
                      side=args.side, options=args.options, overrides=args.set,
                      isolate=args.isolate)
     if args.command == 'show' or args.show:
-      for path in ladder_view.show(args.out, getattr(args, 'table', None)):
+      for path in ladder_view.show(args.out, getattr(args, 'table', None), args.note):
         print(f'wrote {path}')
     return 0
 

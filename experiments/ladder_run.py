@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -137,3 +138,56 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
       f.write(json.dumps(record) + '\n')
   print(f'done: {len(todo)} runs in {_format_duration(time.time() - start)}', flush=True)
   return len(todo)
+
+
+PLATEAU_STEPS = ('resnet50', 'enhanced_recipe', 'convnext_t')
+
+
+def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
+                  seeds: int = 1, options: str = '', overrides: list[str] = (),
+                  isolate: bool = False, factor: float = 2.0) -> dict:
+  """Trains `steps` (default: the ladder's first step, the first of the enhanced recipe and the last)
+  as configured (OUT/1x) and `factor` times as long (OUT/2x); returns and writes OUT/plateau.json:
+  per step the mean (and std) test and validation top-1 at both lengths and their difference."""
+  steps = list(steps or PLATEAU_STEPS)
+  lengths = {'1x': options, f'{factor:g}x': ','.join(o for o in (options, f'longer={factor:g}') if o)}
+  for name, opts in lengths.items():
+    print(f'plateau check: {name}', flush=True)
+    run(os.path.join(out, name), ladder_name=ladder_name, steps=steps, seeds=seeds, options=opts,
+        overrides=overrides, isolate=isolate)
+  result = {'factor': factor, 'seeds': seeds, 'options': options, 'steps': {}}
+  for step in steps:
+    entry = {}
+    for name in lengths:
+      rows = [r for r in steptable.read_rows(os.path.join(out, name, 'steps.csv'))
+              if r['step'] == step and int(r['seed']) < seeds]
+      for key, column in (('top1', 'top1'), ('val_top1', 'val_top1')):
+        values = [float(r[column]) for r in rows if r.get(column)]
+        entry[f'{key}_{name}'] = statistics.fmean(values) if values else None
+        entry[f'{key}_{name}_std'] = statistics.stdev(values) if len(values) > 1 else None
+      entry[f'epochs_{name}'] = float(rows[0]['epochs']) if rows else None
+    long_name = list(lengths)[1]
+    for key in ('top1', 'val_top1'):
+      a, b = entry[f'{key}_1x'], entry[f'{key}_{long_name}']
+      entry[f'{key}_change'] = None if a is None or b is None else b - a
+    result['steps'][step] = entry
+  path = os.path.join(out, 'plateau.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + '.tmp', path)
+  return result
+
+
+def format_plateau(result: dict) -> str:
+  long_name = f'{result["factor"]:g}x'
+  lines = [f'{"step":<18} {"epochs":>7} {"top-1 1x":>9} {"top-1 " + long_name:>9} {"change":>7} '
+           f'{"val 1x":>7} {"val " + long_name:>7} {"change":>7}   (mean over {result["seeds"]} '
+           'seed(s))']
+  def cell(v, width, signed=False):
+    return f'{"":>{width}}' if v is None else (f'{v:>+{width}.2f}' if signed else f'{v:>{width}.2f}')
+  for step, e in result['steps'].items():
+    lines.append(f'{step:<18} {cell(e["epochs_1x"], 7)} {cell(e["top1_1x"], 9)} '
+                 f'{cell(e["top1_" + long_name], 9)} {cell(e["top1_change"], 7, True)} '
+                 f'{cell(e["val_top1_1x"], 7)} {cell(e["val_top1_" + long_name], 7)} '
+                 f'{cell(e["val_top1_change"], 7, True)}')
+  return '\n'.join(lines)

@@ -185,12 +185,14 @@ def _extra_columns(out: str) -> dict:
     return json.load(f)
 
 
-def markdown(groups: dict[tuple, list[dict]], extra: dict) -> str:
+def markdown(groups: dict[tuple, list[dict]], extra: dict, note: str = '') -> str:
   has_cka = any(v.get('cka_prev') is not None for v in extra.values())
   has_bias = any(v.get('shape_bias') is not None for v in extra.values())
   lines = []
   for (ladder, data, scale, size), steps in groups.items():
     lines += [f'### {ladder} ladder on {data}, scale {scale}, {size}x{size}', '']
+    if note:
+      lines += [f'**{note}**', '']
     head = ['#', 'step', 'top-1 (mean ± std, n)', 'Δ prev', 'params', 'GMACs', 'train img/s',
             'time/run (s)']
     head += ['CKA to prev'] * has_cka + ['shape bias'] * has_bias
@@ -286,8 +288,9 @@ def chart(steps: list[dict], title: str, path: str) -> None:
   plt.close(fig)
 
 
-def show(out: str, table: str | None = None) -> list[str]:
-  """Renders OUT/ladder.md, OUT/ladder.json and the chart(s); returns the files written."""
+def show(out: str, table: str | None = None, note: str = '') -> list[str]:
+  """Renders OUT/ladder.md, OUT/ladder.json and the chart(s); returns the files written. `note`
+  (e.g. 'quick look, not at plateau') is printed under every title."""
   table = table or os.path.join(out, 'steps.csv')
   rows = steptable.read_rows(table)
   if not rows:
@@ -298,7 +301,7 @@ def show(out: str, table: str | None = None) -> list[str]:
   os.makedirs(out, exist_ok=True)
   written = []
   md = os.path.join(out, 'ladder.md')
-  _write_atomic(md, markdown(groups, extra))
+  _write_atomic(md, markdown(groups, extra, note))
   written.append(md)
   path = os.path.join(out, 'ladder.json')
   _write_atomic(path, json.dumps(as_json(groups), indent=1, allow_nan=False) + '\n')
@@ -307,6 +310,8 @@ def show(out: str, table: str | None = None) -> list[str]:
   for key, steps in groups.items():
     ladder, data, scale, size = key
     title = f'{ladder} ladder on {data} (scale {scale}, {size}x{size}): ours vs the paper'
+    if note:
+      title += f'\n{note}'
     names = [os.path.join(out, 'ladder.png')] if key == largest else []
     if len(groups) > 1:
       names.append(os.path.join(out, f'ladder_{data}_{scale}_{size}.png'))

@@ -71,3 +71,20 @@ def test_calibrate_bad_input(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1
+
+
+def test_plateau_check(tmp_path, capsys):
+  out = tmp_path / 'plateau'
+  assert ladder.main(['run', '--plateau-check', '--out', str(out), '--steps', 'resnet50',
+                      '--seeds', '2', '--options', 'smoke', '--set', 'data.validation=100']) == 0
+  result = json.loads((out / 'plateau.json').read_text())
+  entry = result['steps']['resnet50']
+  for name, factor in (('1x', 1), ('2x', 2)):
+    rows = steptable.read_rows(str(out / name / 'steps.csv'))
+    assert sorted(int(r['seed']) for r in rows) == [0, 1]
+    assert {float(r['epochs']) for r in rows} == {0.5 * factor}   # smoke trains 0.5 epochs
+    assert entry[f'top1_{name}'] == pytest.approx(statistics.fmean(float(r['top1']) for r in rows))
+    assert entry[f'val_top1_{name}'] == pytest.approx(
+        statistics.fmean(float(r['val_top1']) for r in rows))
+  assert entry['top1_change'] == pytest.approx(entry['top1_2x'] - entry['top1_1x'])
+  assert 'resnet50' in capsys.readouterr().out
