@@ -46,12 +46,13 @@ RECIPES = {
     'original': dict(
         epochs=90, optimizer='sgd', base_lr=0.1, lr_batch=256, momentum=0.9, weight_decay=1e-4,
         decay_all=True, schedule='step', warmup_epochs=0, step_epochs=(30, 60), min_lr=0.0,
-        label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, randaugment_n=0,
+        label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, randaugment_n=0,
         randaugment_m=0, randaugment_mstd=0.0, random_erasing=0.0, drop_path_rate=0.0),
     'enhanced': dict(
         epochs=300, optimizer='adamw', base_lr=4e-3, lr_batch=4096, momentum=0.9,
         weight_decay=0.05, decay_all=False, schedule='cosine', warmup_epochs=20, step_epochs=(),
-        min_lr=1e-6, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_n=2,
+        min_lr=1e-6, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0,
+        randaugment_n=2,
         randaugment_m=9, randaugment_mstd=0.5, random_erasing=0.25, drop_path_rate=0.1),
 }
 
@@ -68,7 +69,8 @@ MINIATURE = {
         epochs=4,
         # The learning rate is quoted at the run's own batch: no linear scaling from 256.
         lr_batch=128,
-        base_lr=0.1,
+        # Validation top-1 after 4 epochs: 0.025 84.72, 0.05 86.40, 0.1 85.58, 0.2 85.06.
+        base_lr=0.05,
     ),
     'enhanced': dict(
         # Plateau: doubling changes the top-1 of resnet50 / enhanced_recipe / convnext_t little
@@ -77,7 +79,13 @@ MINIATURE = {
         # The paper's 4e-3 is quoted at batch 4096 and linearly scaled (to 1.25e-4 at 128); too
         # small for a few thousand updates.
         lr_batch=128,
+        # Mean validation top-1 of enhanced_recipe and convnext_t after 4 epochs: 1e-3 78.92,
+        # 2e-3 79.81, 4e-3 79.90, 8e-3 79.90 (the first of equals is kept).
         base_lr=4e-3,
+        # Mixup / CutMix off (at base_lr 4e-3): 82.43 against 79.90 with them; mixing slows
+        # convergence most at short budgets. Label smoothing, RandAugment, Random Erasing and
+        # stochastic depth stay the paper's.
+        mix_prob=0.0,
     ),
 }
 
@@ -177,9 +185,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 0.0          # 0 = none (Table 5)
 
   c.augment = ml_collections.ConfigDict({
-      k: recipe[k] for k in ('label_smoothing', 'mixup_alpha', 'cutmix_alpha', 'randaugment_n',
-                             'randaugment_m', 'randaugment_mstd', 'random_erasing')})
-  c.augment.mix_prob = 1.0
+      k: recipe[k] for k in ('label_smoothing', 'mixup_alpha', 'cutmix_alpha', 'mix_prob',
+                             'randaugment_n', 'randaugment_m', 'randaugment_mstd',
+                             'random_erasing')})
   c.augment.switch_prob = 0.5          # CutMix instead of Mixup with this probability
   c.augment.hflip = True
   c.augment.crop = 'random_resized' if large else 'pad'   # 'random_resized' | 'pad' | 'none'
