@@ -67,7 +67,7 @@ def load_trained_model(workdir: str, step: int | None = None):
   """The network a run of `experiments.train` left in `workdir`, in eval mode, with its config.
 
   Returns (model, config dict). Uses WORKDIR/config.json and WORKDIR/checkpoints (the latest step
-  unless `step` is given); the number of classes is read off the checkpoint's head.
+  unless `step` is given); the number of classes and of input channels are read off the weights.
   """
   import json
   import os
@@ -80,8 +80,10 @@ def load_trained_model(workdir: str, step: int | None = None):
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   _, saved = load_numpy(os.path.join(workdir, 'checkpoints'), step)
+  # Classes and input channels may be 'from the data' (-1) in the config: read them off the weights.
   values = dict(config['model'], depths=tuple(config['model']['depths']),
-                num_classes=saved['params']['head']['fc']['bias']['value'].shape[0])
+                num_classes=saved['params']['head']['fc']['bias']['value'].shape[0],
+                in_channels=saved['params']['stem']['conv']['kernel']['value'].shape[2])
   model = create_model(NetConfig.from_dict(values))
 
   def lookup(tree, path):

@@ -1,6 +1,7 @@
 """Training end to end on the smoke option: runs, rows, sharding, multi-process, resume, bad input."""
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -66,6 +67,28 @@ def test_smoke_run_appends_a_row(tmp_path, monkeypatch):
   model, config = load_trained_model('run')
   assert config['step'] == 'convnext_t'
   assert model(np.zeros((2, 32, 32, 1), np.float32)).shape == (2, 10)
+
+
+def test_trains_on_an_image_folder(tmp_path):
+  """data=folder:PATH: a folder of PNGs the test writes trains, and its row names the folder."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'images'
+  for split, per_class in (('train', 12), ('test', 4)):
+    for level, name in ((40, 'b_dark'), (200, 'a_bright'), (120, 'c_mid')):
+      os.makedirs(root / split / name)
+      for i in range(per_class):
+        pixels = np.clip(rng.normal(level, 8, (20 + i % 3, 22, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / split / name / f'{i}.png')
+  run_train(str(tmp_path / 'run'), f'convnext_t,smoke,data=folder:{root},image_size=32',
+            '--config.data.validation=6')
+  row, = steptable.read_rows(str(tmp_path / 'steps.csv'))
+  assert row['data'] == f'folder:{root}' and row['image_size'] == '32'
+  assert row['validation'] == '6' and row['val_top1'] != ''
+  config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert config['data']['channels'] == 0 and config['model']['in_channels'] == -1
+  model, _ = load_trained_model(str(tmp_path / 'run'))
+  assert model(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 3)   # RGB, three classes
 
 
 def test_original_recipe_step_runs(tmp_path):
