@@ -51,6 +51,7 @@ from typing import Iterator
 
 import numpy as np
 
+from experiments import outputs
 from experiments.cli import UsageError, guarded
 
 LAYERS = ('stage1', 'stage2', 'stage3', 'stage4', 'logits')
@@ -255,29 +256,6 @@ def _num_test(runs: list[Run]) -> int:
 
 # --- outputs --------------------------------------------------------------------------------------
 
-def _clean(value):
-  """JSON-ready: numpy -> Python, NaN / inf -> None."""
-  if isinstance(value, dict):
-    return {str(k): _clean(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_clean(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _clean(value.tolist())
-  if isinstance(value, (np.floating, float)):
-    return float(value) if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
-
-
-def _write_json(path: str, value) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(_clean(value), f, indent=1, allow_nan=False)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _locked(path: str):
   with open(path, 'a') as f:
@@ -305,7 +283,7 @@ def merge_summary(analysis_dir: str, key: str, values: dict[str, float | None]) 
       entry = summary.get(step) if isinstance(summary.get(step), dict) else {}
       summary[step] = {k: entry.get(k) for k in SUMMARY_KEYS}
       summary[step][key] = value
-    _write_json(path, summary)
+    outputs.write_json(path, summary)
   return summary
 
 
@@ -397,7 +375,7 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
       'to_last': {s: {layer: full[-1, l, i, l] for l, layer in enumerate(LAYERS)}
                   for s, i in index.items()},
   }
-  _write_json(os.path.join(analysis_dir, 'cka.json'), result)
+  outputs.write_json(os.path.join(analysis_dir, 'cka.json'), result)
   _plot_cka(analysis_dir, result)
   merge_summary(analysis_dir, 'cka_prev', cka_prev)
   result['seconds'] = time.time() - start
@@ -515,7 +493,7 @@ def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 200
       'shape_bias': {s: b.to_dict() for s, b in results.items()},
       'error_consistency': {'steps': steps, 'kappa': kappa},
   }
-  _write_json(os.path.join(analysis_dir, 'bias.json'), result)
+  outputs.write_json(os.path.join(analysis_dir, 'bias.json'), result)
   _save_heatmap(os.path.join(analysis_dir, 'error_consistency.png'), kappa, steps, steps,
                 'error consistency (kappa), test set', 'step', 'step',
                 vmin=-0.2, vmax=1.0, cmap='viridis')

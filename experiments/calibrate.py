@@ -25,7 +25,7 @@ import os
 import re
 import statistics
 
-from experiments import ladder_run, steptable
+from experiments import ladder_run, outputs, steptable
 from experiments.cli import UsageError
 from modernize import ladder as ladders
 
@@ -113,26 +113,9 @@ def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], valid
             'grid': [{'field': f, 'values': v} for f, v in grid], 'tried': tried,
             'chosen': chosen['setting'], 'chosen_mean_val_top1': chosen['mean_val_top1'],
             'chosen_by': 'highest mean validation top-1 over the steps and seeds above'}
-  _write_json(os.path.join(out, 'calibration.json'), result)
-  with open(trials_path + '.tmp', 'w') as f:
-    f.writelines(json.dumps(t) + '\n' for t in trials)
-  os.replace(trials_path + '.tmp', trials_path)
+  outputs.write_json(os.path.join(out, 'calibration.json'), result)
+  outputs.write_atomic(trials_path, ''.join(json.dumps(t) + '\n' for t in trials))
   return result
-
-
-def _write_json(path: str, value) -> None:
-  def clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-      return None
-    if isinstance(v, dict):
-      return {k: clean(x) for k, x in v.items()}
-    if isinstance(v, list):
-      return [clean(x) for x in v]
-    return v
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(clean(value), f, indent=1)
-  os.replace(tmp, path)
 
 
 def format_result(result: dict) -> str:

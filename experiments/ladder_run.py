@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from experiments import steptable
+from experiments import outputs, steptable
 from experiments.cli import UsageError
 from modernize import ladder as ladders
 
@@ -171,10 +171,7 @@ def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] |
       a, b = entry[f'{key}_1x'], entry[f'{key}_{long_name}']
       entry[f'{key}_change'] = None if a is None or b is None else b - a
     result['steps'][step] = entry
-  path = os.path.join(out, 'plateau.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + '.tmp', path)
+  outputs.write_json(os.path.join(out, 'plateau.json'), result)
   return result
 
 

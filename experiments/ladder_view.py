@@ -23,7 +23,7 @@ import math
 import os
 import statistics
 
-from experiments import steptable
+from experiments import outputs, steptable
 from experiments.cli import UsageError
 from modernize import ladder as ladders
 
@@ -164,19 +164,6 @@ def as_json(groups: dict[tuple, list[dict]]) -> dict:
       for (ladder, data, scale, size), steps in groups.items()]}
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path` (one per process), then renames it over
-  `path`, so a reader sees the old file or the new one, never part of one."""
-  tmp = f'{path}.{os.getpid()}.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
 def _extra_columns(out: str) -> dict:
   path = os.path.join(out, 'analysis', 'summary.json')
   if not os.path.exists(path):
@@ -301,10 +288,10 @@ def show(out: str, table: str | None = None, note: str = '') -> list[str]:
   os.makedirs(out, exist_ok=True)
   written = []
   md = os.path.join(out, 'ladder.md')
-  _write_atomic(md, markdown(groups, extra, note))
+  outputs.write_atomic(md, markdown(groups, extra, note))
   written.append(md)
   path = os.path.join(out, 'ladder.json')
-  _write_atomic(path, json.dumps(as_json(groups), indent=1, allow_nan=False) + '\n')
+  outputs.write_atomic(path, json.dumps(as_json(groups), indent=1, allow_nan=False) + '\n')
   written.append(path)
   largest = max(groups, key=lambda k: len(groups[k]))
   for key, steps in groups.items():
