@@ -16,6 +16,8 @@ The argument after ':' is a step name followed by comma-separated options:
   longer=F                    train F times as long (the plateau check: F=2)
   miniature                   the CPU miniature recipe (MINIATURE below): short runs calibrated on a
                               validation split; the default of `make ladder`
+  layer_scale_init=X          LayerScale's initial gain, in the steps that have LayerScale only
+                              (the recipe's value otherwise: 1e-6, Table 5)
   smoke                       tiny everything: a few steps on a few hundred examples (tests, CI)
 Any field below can then be overridden with --config.FIELD=VALUE, e.g.
   --config.model.kernel_size=9 --config.optimizer.base_lr=2e-3 --config.epochs=2
@@ -101,7 +103,7 @@ def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
     key, _, value = part.partition('=')
     options[key] = value if _ else 'true'
   known = {'ladder', 'data', 'seed', 'scale', 'length', 'batch', 'image_size', 'smoke',
-           'miniature', 'longer'}
+           'miniature', 'longer', 'layer_scale_init'}
   unknown = sorted(set(options) - known)
   if unknown:
     raise ConfigError(f'unknown config option(s) {unknown}; options: {sorted(known)}')
@@ -140,6 +142,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   recipe = RECIPES[recipe_name]
   if miniature:
     recipe = {**recipe, **MINIATURE[recipe_name]}
+  if 'layer_scale_init' in options:
+    recipe = {**recipe, 'layer_scale_init': _number(options, 'layer_scale_init', float, 0.0)}
+    if recipe['layer_scale_init'] <= 0:
+      raise ConfigError(f'layer_scale_init={recipe["layer_scale_init"]}: must be positive')
 
   c = ml_collections.ConfigDict()
   c.ladder = ladder.name

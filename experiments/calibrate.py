@@ -7,7 +7,8 @@
 For one recipe, every combination of the --grid values is trained on the ladder's first and last
 steps of that recipe only (original: `resnet50`; enhanced: `enhanced_recipe` and the ladder's last
 adopted step), never on the steps in between, with `data.validation` examples held out of training.
-A combination's score is its mean validation top-1 over those steps and seeds; the best one is
+A FIELD with a dot is a config field (`--config.FIELD=V`); one without is a config option after the
+step name (e.g. `layer_scale_init`, applied only to the steps that have LayerScale). A combination's score is its mean validation top-1 over those steps and seeds; the best one is
 chosen. The test split takes no part in the choice: the output files do not even show it.
 
 Writes OUT/trials.jsonl (one line per trained (setting, step, seed): validation top-1 and loss) and
@@ -85,6 +86,8 @@ def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], valid
   for field, _ in grid:
     if field == 'data.validation' or any(o.split('=')[0] == field for o in overrides):
       raise UsageError(f'{field} is both searched (--grid) and fixed (--set/--validation)')
+    if '.' not in field and any(o.split('=')[0].strip() == field for o in options.split(',')):
+      raise UsageError(f'{field} is both searched (--grid) and fixed (--options)')
   steps = calibration_steps(ladder_name, recipe)
   os.makedirs(out, exist_ok=True)
   tried = []
@@ -93,9 +96,12 @@ def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], valid
   for setting in settings(grid):
     run_dir = os.path.join(out, setting_name(setting))
     print(f'calibrate {recipe}: {setting_name(setting)} on {", ".join(steps)}', flush=True)
-    ladder_run.run(run_dir, ladder_name=ladder_name, steps=steps, seeds=seeds, options=options,
+    setting_options = ','.join([options, *[f'{k}={v}' for k, v in setting.items() if '.' not in k]])
+    ladder_run.run(run_dir, ladder_name=ladder_name, steps=steps, seeds=seeds,
+                   options=setting_options.strip(','),
                    overrides=[*overrides, f'data.validation={validation}',
-                              *[f'{k}={v}' for k, v in setting.items()]], isolate=isolate)
+                              *[f'{k}={v}' for k, v in setting.items() if '.' in k]],
+                   isolate=isolate)
     rows = [r for r in steptable.read_rows(os.path.join(run_dir, 'steps.csv'))
             if r['step'] in steps and int(r['seed']) < seeds
             and str(r.get('validation')) == str(validation)]

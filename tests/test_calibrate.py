@@ -61,11 +61,23 @@ def test_calibrate_end_to_end(tmp_path, capsys):
   assert 'already in' in capsys.readouterr().out
 
 
+def test_calibrate_grid_of_a_config_option(tmp_path):
+  # A field without a dot is a config option after the step name.
+  out = tmp_path / 'cal'
+  result = calibrate.calibrate(str(out), recipe='original', grid=[('longer', ['0.5', '1'])],
+                               validation=100, options='smoke')
+  assert [t['setting'] for t in result['tried']] == [{'longer': '0.5'}, {'longer': '1'}]
+  epochs = [json.loads((out / f'longer={f}' / 'runs' / 'resnet50' / 'seed0' / 'config.json')
+                       .read_text())['epochs'] for f in ('0.5', '1')]
+  assert epochs[1] == 2 * epochs[0] > 0
+
+
 def test_calibrate_bad_input(tmp_path, capsys):
   for args in (['--validation', '0', '--grid', 'optimizer.base_lr=1'],
                ['--validation', '10', '--grid', 'data.validation=1'],
                ['--validation', '10', '--grid', 'optimizer.base_lr=1',
-                '--set', 'optimizer.base_lr=2']):
+                '--set', 'optimizer.base_lr=2'],
+               ['--validation', '10', '--grid', 'longer=1,2', '--options', 'smoke,longer=2']):
     with pytest.raises(SystemExit) as e:
       ladder.main(['calibrate', '--out', str(tmp_path), '--recipe', 'original', *args])
     assert e.value.code == 2

@@ -71,3 +71,17 @@ def test_length_options():
   for bad in ('convnext_t,miniature,length=0.1', 'convnext_t,longer=0', 'convnext_t,longer=x'):
     with pytest.raises(ConfigError):
       ladder_config.get_config(bad)
+
+
+def test_layer_scale_init_option_reaches_only_the_steps_with_layer_scale():
+  for step in ('enhanced_recipe', 'fewer_norms', 'convnext_t'):
+    plain = ladder_config.get_config(f'{step},{OPTIONS},miniature')
+    set_ = ladder_config.get_config(f'{step},{OPTIONS},miniature,layer_scale_init=0.1')
+    if plain.model.layer_scale_init > 0:
+      assert set_.model.layer_scale_init == 0.1
+    else:
+      assert set_.model.layer_scale_init == 0.0
+    assert {k for k, v in _flat(plain).items() if _flat(set_)[k] != v} <= {'model.layer_scale_init'}
+  for bad in ('convnext_t,layer_scale_init=0', 'convnext_t,layer_scale_init=x'):
+    with pytest.raises(ConfigError):
+      ladder_config.get_config(bad)
