@@ -1,36 +1,150 @@
-"""Orbax checkpoints behind three calls, so the rest of the code never touches orbax's API.
+"""Orbax checkpoints behind a few calls, so the rest of the code never touches orbax's API.
 
-Saves are periodic and keep the newest N; orbax writes each into a temporary directory and renames
-it when complete, so a run killed mid-save resumes from the previous checkpoint. Every process of a
-multi-host run calls these functions; orbax coordinates the hosts.
+Saves are synchronous: `save` returns once orbax has written the step into a temporary directory
+and renamed it, so a checkpoint that exists is complete and a kill loses at most the steps since
+the last save. Beside the arrays, a checkpoint keeps a small JSON dict (orbax's step metadata).
+`restore_latest` resumes from the newest checkpoint that reads back whole: newer ones that do not
+(an unreadable or truncated file, missing metadata, an interrupted save's temporary directory) are
+named in one line each and moved to CHECKPOINTS.corrupt; when none reads back, CheckpointError
+says how to start over. Every process of a multi-host run calls these functions; orbax
+coordinates the hosts.
 """
 
 from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from experiments.cli import UsageError
+
+# Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when whole.
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+class CheckpointError(UsageError):
+  """A run has checkpoints and none reads back: one line on how to start over, exit code 2."""
+
+
+class _Unreadable(Exception):
+  """Why one checkpoint does not read back (the message is the reason)."""
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Silences what orbax, asyncio and abandoned coroutines print while a bad checkpoint is read
+  (the caller reports it in one line)."""
+  previous, hook = logging.root.manager.disable, sys.unraisablehook
+  logging.disable(logging.CRITICAL)
+  sys.unraisablehook = lambda _: None
+  try:
+    yield
+  finally:
+    gc.collect()   # the failed reads' futures and coroutines report their errors when collected
+    logging.disable(previous)
+    sys.unraisablehook = hook
+
+
+def _reason(e: BaseException) -> str:
+  """An exception as a short one-line reason."""
+  first = (str(e).strip().splitlines() or [''])[0]
+  if isinstance(e, _Unreadable):
+    return first
+  text = f'{type(e).__name__}: {first}' if first else type(e).__name__
+  return text if len(text) <= 120 else text[:117] + '...'
+
+
+def _target(x):
+  """What a leaf restores as: an array of its shape, dtype and sharding."""
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f'modernize: {name}')
+
 
 class Checkpoints:
   def __init__(self, directory: str, *, keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    # Synchronous: an async save becomes a checkpoint only when orbax's background thread renames
+    # it, steps later, and a kill before that loses a second interval. The handler is named up
+    # front: only so does a fresh manager read a checkpoint's tree metadata.
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  def save(self, step: int, tree, metadata: dict | None = None) -> None:
+    """Writes `tree` (arrays) and `metadata` (JSON values, kept in orbax's step metadata) as
+    checkpoint `step`; returns once the checkpoint is committed."""
+    self.manager.save(step, args=ocp.args.StandardSave(tree), custom_metadata=metadata or {},
+                      force=True)
 
-  def save(self, step: int, state, *, wait: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    if wait:
-      self.manager.wait_until_finished()
+  def metadata(self, step: int) -> dict:
+    """The `metadata` checkpoint `step` was saved with ({} for one saved without)."""
+    return dict(self.manager.metadata(step).custom_metadata or {})
 
-  def restore(self, step: int, like):
-    """Restores into the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs)."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-        like)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  def _read(self, step: int, like):
+    if self.manager.metadata(step).commit_timestamp_nsecs is None:
+      raise _Unreadable('its step metadata is missing or unreadable')
+    if self.manager.item_metadata(step) is None:
+      raise _Unreadable('its tree metadata is missing or unreadable')
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(jax.tree.map(_target, like)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Unreadable(f'its arrays do not read back: {_reason(e)}') from None
+
+  def restore_latest(self, like) -> tuple[int | None, object, dict, list]:
+    """(step, tree, metadata, notes): the newest checkpoint that reads back into the structure,
+    dtypes and shardings of `like` (arrays or ShapeDtypeStructs), what it was saved with, and one
+    line per checkpoint set aside. (None, None, {}, notes) where no save was ever completed;
+    CheckpointError where there are checkpoints and none reads back."""
+    aside = sorted(n for n in os.listdir(self.directory) if _TMP_SUFFIX in n)
+    notes = [f'checkpoint {n.split(".")[0]} in {self.directory} is an interrupted save '
+             f'({n}); moved to {self.directory}.corrupt' for n in aside]
+    failed, found = [], None
+    with _quiet():
+      for step in sorted(self.manager.all_steps(), reverse=True):
+        try:
+          found = step, self._read(step, like), self.metadata(step)
+          break
+        except Exception as e:  # pylint: disable=broad-except   # whatever keeps it from reading
+          failed.append((step, _reason(e)))
+    if failed and found is None:
+      step, reason = failed[0]
+      raise CheckpointError(
+          f'no checkpoint in {self.directory} reads back (the newest, step {step}: {reason}); '
+          f'to start over from step 0, delete {self.directory}')
+    for step, reason in failed:
+      notes.append(f'checkpoint {step} in {self.directory} is unreadable ({reason}); '
+                   f'moved to {self.directory}.corrupt')
+      aside.append(str(step))
+    if aside:
+      self._set_aside(aside)
+    return (*found, notes) if found else (None, None, {}, notes)
+
+  def _set_aside(self, names: list) -> None:
+    """Moves step directories to DIRECTORY.corrupt, out of orbax's sight (process 0 moves)."""
+    _sync('checkpoints read')
+    if jax.process_index() == 0:
+      target = self.directory + '.corrupt'
+      os.makedirs(target, exist_ok=True)
+      for name in names:
+        destination = os.path.join(target, name)
+        if os.path.exists(destination):
+          shutil.rmtree(destination)
+        os.rename(os.path.join(self.directory, name), destination)
+    _sync('checkpoints set aside')
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -5,14 +5,16 @@
   python -m experiments.datasets prepare imagenet2012 --manual-dir ~/imagenet-tars
 
 Names:
-* `fashion_mnist`: Debian's `dataset-fashion-mnist` idx files (or $MODERNIZE_FASHION_MNIST_DIR),
-  read with numpy alone. Nothing to prepare, nothing written, no TensorFlow.
+* `fashion_mnist`: Debian's `dataset-fashion-mnist` idx files in /usr/share/datasets/fashion-mnist,
+  or the same four files in the directory $MODERNIZE_FASHION_MNIST_DIR names, read with numpy
+  alone. Nothing to prepare, nothing written, no TensorFlow.
 * `folder:PATH`: your own images in the ImageFolder layout, PATH/train/<class>/*.{png,jpg,jpeg} and
   PATH/test/<class>/*. Classes are the train split's sub-directories sorted by name (label = index);
   one channel when every image is grayscale, else three; images are decoded per batch (PIL) and
   resized to the run's image size, so any sizes mix. The mean / std are measured on (up to 2,000,
   evenly spaced) training images. Nothing to prepare, no TensorFlow.
-* `cifar10`, `cifar100`, `imagenette[/CONFIG]`, `imagenet2012`: tensorflow-datasets. Preparing one
+* `cifar10`, `cifar100`, `imagenette[/CONFIG]`, `imagenet2012`, each with an optional tfds
+  `:VERSION` (e.g. `cifar10:3.0.2`): tensorflow-datasets. Preparing one
   (downloading, or imagenet2012 from its manual tars) needs TensorFlow once; it is written as
   ArrayRecord files, which are then read by random access (`tfds.data_source`) without TensorFlow.
   Imagenette and ImageNet read their 'validation' split as 'test'.
@@ -36,6 +38,7 @@ import dataclasses
 import fcntl
 import gzip
 import os
+import re
 import sys
 import threading
 
@@ -76,6 +79,7 @@ class _Spec:
   test_split: str = 'test'
   large: bool = False                # encoded images read by index (vs. arrays in memory)
   default_size: int | None = None    # model input size when image_size is not given
+  configs: tuple[str, ...] = ()      # tfds builder configs (NAME/CONFIG)
 
 
 DATASETS: dict[str, _Spec] = {
@@ -86,11 +90,14 @@ DATASETS: dict[str, _Spec] = {
     'cifar100': _Spec(100, (50000, 10000), (32, 32, 3), (0.5071, 0.4865, 0.4409),
                       (0.2673, 0.2564, 0.2762)),
     'imagenette': _Spec(10, (9469, 3925), (None, None, 3), IMAGENET_MEAN, IMAGENET_STD,
-                        test_split='validation', large=True, default_size=224),
+                        test_split='validation', large=True, default_size=224,
+                        configs=tuple(f'{size}{v2}' for v2 in ('-v2', '')
+                                      for size in ('full-size', '320px', '160px'))),
     'imagenet2012': _Spec(1000, (1281167, 50000), (None, None, 3), IMAGENET_MEAN, IMAGENET_STD,
                           test_split='validation', large=True, default_size=224),
 }
 _TFDS_NAMES = ('cifar10', 'cifar100', 'imagenette', 'imagenet2012')
+_TFDS_VERSION = re.compile(r'(\d+|\*)\.(\d+|\*)\.(\d+|\*)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +122,30 @@ def _is_folder(name: str) -> bool:
   return name.startswith(FOLDER_PREFIX)
 
 
+def _name_problem(base: str, config: str | None, version: str | None) -> str | None:
+  """What is wrong with NAME[/CONFIG][:VERSION] (None and None: that part is absent)."""
+  if base not in DATASETS:
+    return f'known: {sorted(DATASETS)} or folder:PATH'
+  if base not in _TFDS_NAMES and (config is not None or version is not None):
+    return f'{base} is read from its own files and takes no /CONFIG or :VERSION'
+  configs = DATASETS[base].configs
+  if config is not None and config not in configs:
+    return f'configs of {base}: {list(configs)}' if configs else f'{base} has no configs'
+  if version is not None and not _TFDS_VERSION.fullmatch(version):
+    return 'a tfds version looks like 3.0.2'
+  return None
+
+
 def _base(name: str) -> str:
+  """The data set of `name` (NAME[/CONFIG][:VERSION] or folder:PATH); ValueError, one line listing
+  what is known, for a name that is none of them."""
   if _is_folder(name):
     return 'folder'
-  base = name.split('/')[0].split(':')[0]
-  if base not in DATASETS:
-    raise ValueError(f'unknown data set {name!r}; known: {sorted(DATASETS)} or folder:PATH')
+  rest, has_version, version = name.partition(':')
+  base, has_config, config = rest.partition('/')
+  problem = _name_problem(base, config if has_config else None, version if has_version else None)
+  if problem:
+    raise ValueError(f'unknown data set {name!r}; {problem}')
   return base
 
 
@@ -415,7 +440,12 @@ def _tfds():
 
 
 def _builder(name: str, data_dir: str):
-  return _tfds().builder(name, data_dir=data_dir)
+  try:
+    return _tfds().builder(name, data_dir=data_dir)
+  except (ValueError, AssertionError) as e:   # tfds's errors for a version it does not have
+    if 'Failed to construct dataset' not in str(e):
+      raise
+    raise DatasetUnavailable(str(e).splitlines()[0]) from None
 
 
 def _is_prepared(builder) -> bool:

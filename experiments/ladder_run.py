@@ -57,7 +57,10 @@ def _key(config) -> tuple:
 
 
 def _done(table: str) -> set[tuple]:
-  return {(r['step'], int(r['seed']), r['config_hash']) for r in steptable.read_rows(table)}
+  rows = steptable.read_rows(table)
+  steptable.check_columns(table, rows,
+                          {'step': 'text', 'seed': 'an integer', 'config_hash': 'text'})
+  return {(r['step'], int(r['seed']), r['config_hash']) for r in rows}
 
 
 def _format_duration(seconds: float) -> str:

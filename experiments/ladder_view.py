@@ -34,6 +34,15 @@ GROUP_COLOURS = {
 }
 
 
+# The step-table columns `summarize` reads and what each must hold (older tables lack 'val_top1').
+TABLE_COLUMNS = {
+    'step': 'text', 'data': 'text', 'scale': 'text', 'image_size': 'text', 'seed': 'an integer',
+    'params': 'an integer', 'gmacs': 'a number', 'top1': 'a number or empty',
+    'val_top1': 'a number or empty', 'train_img_per_s': 'a number or empty',
+    'wall_s': 'a number or empty',
+}
+
+
 def _macs(gmacs: float) -> str:
   return f'{gmacs:.3g} GMACs' if gmacs >= 0.1 else f'{gmacs * 1e3:.3g} MMACs'
 
@@ -280,6 +289,7 @@ def show(out: str, table: str | None = None, note: str = '') -> list[str]:
   (e.g. 'quick look, not at plateau') is printed under every title."""
   table = table or os.path.join(out, 'steps.csv')
   rows = steptable.read_rows(table)
+  steptable.check_columns(table, rows, TABLE_COLUMNS, optional=('val_top1',))
   if not rows:
     raise UsageError(f'no finished runs in {table}: train some first '
                      f'(python -m experiments.ladder run --out {out})')

@@ -1,10 +1,12 @@
-"""Writing result files whole: a reader sees the old file or the new one, never part of one."""
+"""Writing result files whole: a reader sees the old file or the new one, never part of one; and
+checking before a long run that the paths it will write can be written."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -40,3 +42,47 @@ def clean(value):
 def write_json(path: str, value) -> None:
   """`value` as indented JSON (NaN / inf as null), written atomically."""
   write_atomic(path, json.dumps(clean(value), indent=1, allow_nan=False) + '\n')
+
+
+def _existing(path: str) -> str:
+  """`path` or its nearest ancestor that exists."""
+  path = os.path.abspath(path)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def _probe(directory: str) -> str | None:
+  """Why no file can be created in `directory`, or None (the probe file is removed)."""
+  try:
+    fd, probe = tempfile.mkstemp(dir=directory, prefix='.write-test-')
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    return e.strerror or str(e)
+  return None
+
+
+def write_problem(path: str, *, directory: bool = False) -> str | None:
+  """Why `path` could not be written later, as words to follow the path ('is a directory', ...), or
+  None: a file to create or append to (with `directory`: a directory to create files in). Changes
+  nothing: a missing path is checked at its nearest existing ancestor, an existing file is opened
+  for appending and closed unwritten."""
+  if not os.path.lexists(path):
+    ancestor = _existing(path)
+    if not os.path.isdir(ancestor):
+      return f'cannot be created: {ancestor} is not a directory'
+    problem = _probe(ancestor)
+    return problem and f'cannot be created in {ancestor} ({problem})'
+  if directory:
+    if not os.path.isdir(path):
+      return 'is not a directory'
+    problem = _probe(path)
+    return problem and f'is not writable ({problem})'
+  if os.path.isdir(path):
+    return 'is a directory'
+  try:
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+  except OSError as e:
+    return f'is not writable ({e.strerror or e})'
+  return None

@@ -2,7 +2,9 @@
 
 Rows are appended under an exclusive lock (`fcntl.flock`) with one `write` of the whole line to a
 file opened in append mode, so rows from processes finishing at once are never interleaved or lost,
-and a reader never sees half a row.
+and a reader never sees half a row. A table that cannot be read or written as one (a directory, an
+unwritable path, other columns, a row of another length, a cell that should be a number) raises
+`TableError`, one line naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import fcntl
 import io
 import os
 
+from experiments import outputs
+from experiments.cli import UsageError
+
 COLUMNS = (
     'ladder', 'step', 'step_index', 'seed', 'data', 'image_size', 'scale', 'epochs', 'steps',
     'batch_size', 'params', 'gmacs', 'top1', 'top5', 'test_loss', 'train_loss', 'train_img_per_s',
@@ -19,10 +24,37 @@ COLUMNS = (
     'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss')
 
 
+class TableError(UsageError, ValueError):
+  """A step table that is not one, or cannot be written: the message names the file."""
+
+
 def _line(values: dict) -> str:
   buffer = io.StringIO()
   csv.writer(buffer, lineterminator='\n').writerow([values.get(c, '') for c in COLUMNS])
   return buffer.getvalue()
+
+
+HEADER = _line(dict(zip(COLUMNS, COLUMNS)))
+
+
+def _header_problem(path: str) -> str | None:
+  """Why rows of this version cannot go below the first line of the non-empty table at `path`."""
+  with open(path, newline='', encoding='utf-8', errors='replace') as f:
+    first = f.readline()
+  if first == HEADER:
+    return None
+  return (f'has other columns than this version writes ({len(first.split(","))} instead of '
+          f'{len(COLUMNS)}): give a new table')
+
+
+def check_writable(path: str) -> None:
+  """TableError unless `append_row` could add a row to `path` (before a long run, so that its end
+  does not fail). Changes nothing."""
+  problem = outputs.write_problem(path)
+  if not problem and os.path.isfile(path) and os.path.getsize(path):
+    problem = _header_problem(path)
+  if problem:
+    raise TableError(f'step table {path} {problem}')
 
 
 def append_row(path: str, row: dict) -> None:
@@ -35,15 +67,12 @@ def append_row(path: str, row: dict) -> None:
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
     text = _line(row)
-    header = _line(dict(zip(COLUMNS, COLUMNS)))
     if os.fstat(fd).st_size == 0:
-      text = header + text
+      text = HEADER + text
     else:
-      with open(path, newline='') as f:
-        first = f.readline()
-      if first != header:
-        raise ValueError(f'step table {path} has other columns than this version writes '
-                         f'({len(first.split(","))} instead of {len(COLUMNS)}): give a new table')
+      problem = _header_problem(path)
+      if problem:
+        raise TableError(f'step table {path} {problem}')
     os.write(fd, text.encode())
     os.fsync(fd)
   finally:
@@ -51,13 +80,70 @@ def append_row(path: str, row: dict) -> None:
     os.close(fd)
 
 
+def _records(path: str, reader) -> list[dict]:
+  """The rows below the header, each a dict; TableError at a row with another number of fields."""
+  header = next(reader, None)
+  rows = []
+  for fields in reader:
+    if not fields:   # a blank line
+      continue
+    if len(fields) != len(header):
+      raise TableError(f'step table {path}, line {reader.line_num}: {len(fields)} fields where '
+                       f'the header has {len(header)}')
+    rows.append(dict(zip(header, fields)))
+  return rows
+
+
 def read_rows(path: str) -> list[dict]:
-  """All rows of a step table (an empty list if there is none)."""
+  """All rows of a step table (an empty list if there is none, or the file is empty); TableError
+  for a path that is not a CSV table (a directory, unreadable, not UTF-8 text, ragged rows)."""
   if not os.path.exists(path):
     return []
-  with open(path, newline='') as f:
-    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-    try:
-      return list(csv.DictReader(f))
-    finally:
-      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+  try:
+    with open(path, newline='', encoding='utf-8') as f:
+      fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+      try:
+        return _records(path, csv.reader(f))
+      finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+  except IsADirectoryError:
+    raise TableError(f'step table {path} is a directory') from None
+  except OSError as e:
+    raise TableError(f'step table {path} cannot be read ({e.strerror or e})') from None
+  except UnicodeDecodeError:
+    raise TableError(f'step table {path} is not a text (UTF-8) file') from None
+  except csv.Error as e:
+    raise TableError(f'step table {path} is not a CSV table ({e})') from None
+
+
+def _is_number(value: str, integer: bool = False) -> bool:
+  try:
+    (int if integer else float)(value)
+  except ValueError:
+    return False
+  return True
+
+
+_KINDS = {
+    'text': lambda v: True,
+    'an integer': lambda v: _is_number(v, integer=True),
+    'a number': _is_number,
+    'a number or empty': lambda v: v == '' or _is_number(v),
+}
+
+
+def check_columns(path: str, rows: list[dict], columns: dict[str, str],
+                  optional: tuple[str, ...] = ()) -> None:
+  """TableError naming `path` unless every row has each of `columns` (those in `optional` may be
+  missing from the table) holding what it maps to: 'text', 'an integer', 'a number' or 'a number
+  or empty'."""
+  if not rows:
+    return
+  missing = [c for c in columns if c not in rows[0] and c not in optional]
+  if missing:
+    raise TableError(f'step table {path} has no column(s) {missing}')
+  for i, row in enumerate(rows, 1):
+    for column, kind in columns.items():
+      value = row.get(column)
+      if value is not None and not _KINDS[kind](value):
+        raise TableError(f'step table {path}, row {i}: {column} must be {kind}, not {value!r}')

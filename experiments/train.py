@@ -4,8 +4,9 @@
 
 The train step is a plain `jax.jit` over the `nnx.split` state with explicit shardings over a 1-D
 'data' mesh of every device of every host: the batch is split, the state replicated and donated.
-BatchNorm statistics under that sharding are global (synchronised BN). Runs resume from the last
-checkpoint in WORKDIR/checkpoints; SIGTERM saves a checkpoint and exits with code 143.
+BatchNorm statistics under that sharding are global (synchronised BN). Runs resume from the newest
+checkpoint in WORKDIR/checkpoints that reads back, with the logging state it carries (`LogState`),
+so a resumed run writes the row an unbroken one does; SIGTERM saves a checkpoint and exits 143.
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl (one JSON line per logging step) and a row of
 the step table (default runs/steps.csv).
 """
@@ -32,17 +33,17 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import datasets, mixing, pipeline, steptable
+from experiments import datasets, mixing, outputs, pipeline, steptable
 from experiments.checkpoint import Checkpoints
 from experiments.cli import UsageError
 from experiments.malloc import keep_freed_memory
-from modernize.config import NetConfig
+from modernize.config import NetConfig, feature_size, min_image_size
 from modernize.flops import count_macs
 from modernize.network import Network, count_params
 
 
 class TrainingDiverged(Exception):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss became NaN or infinite; checkpoints saved before it (all good) are kept."""
 
 
 class Preempted(Exception):
@@ -186,7 +187,38 @@ def paper_epochs(config) -> float:
   return 90.0 if config.recipe == 'original' else 300.0
 
 
-def validate(config) -> None:
+def _image_size_problem(config) -> str | None:
+  """Why the network cannot take config.data.image_size (its last feature map would be empty)."""
+  cfg, size = net_config(config, num_classes=1), config.data.image_size
+  if size >= min_image_size(cfg):
+    return None
+  side = feature_size(cfg, size)
+  return (f'data.image_size={size} is too small for {config.step}: its last feature map would be '
+          f'{side}x{side}; the smallest valid size is {min_image_size(cfg)}')
+
+
+def _output_problems(config, workdir: str) -> list[str]:
+  """What would stop the run from writing its outputs (found before it trains; creates nothing)."""
+  problem = outputs.write_problem(workdir, directory=True)
+  if problem:
+    return [f'workdir {workdir} {problem}']
+  problems = []
+  for name, directory in (('checkpoints', True), ('config.json', False), ('metrics.jsonl', False)):
+    path = os.path.join(workdir, name)
+    problem = outputs.write_problem(path, directory=directory)
+    if problem:
+      problems.append(f'{path} {problem}')
+  if jax.process_index() == 0:   # the only writer of the step table
+    try:
+      steptable.check_writable(config.step_table)
+    except steptable.TableError as e:
+      problems.append(str(e))
+  return problems
+
+
+def validate(config, workdir: str | None = None) -> None:
+  """UsageError, one line, for every problem of `config` (and of the outputs in `workdir`) found
+  before anything is read or trained."""
   problems = []
   if config.batch_size <= 0:
     problems.append('batch_size must be positive')
@@ -205,6 +237,11 @@ def validate(config) -> None:
     datasets.validate_name(config.data.name)
   except ValueError as e:
     problems.append(f'data.name: {e}')
+  size_problem = _image_size_problem(config)
+  if size_problem:
+    problems.append(size_problem)
+  if workdir is not None:
+    problems += _output_problems(config, workdir)
   if problems:
     raise UsageError('; '.join(problems))
 
@@ -330,9 +367,57 @@ def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
   bad = ~np.isfinite(losses)
   if bad.any():
     first = int(np.argmax(bad))
-    raise TrainingDiverged(f'loss became {losses[first]} at step {done - len(losses) + first + 1}; '
-                           f'the last good checkpoint is kept in {workdir}/checkpoints')
+    where = os.path.join(workdir, 'checkpoints')
+    kept = _last_saved_step(where)
+    raise TrainingDiverged(
+        f'loss became {losses[first]} at step {done - len(losses) + first + 1}; ' +
+        (f'the last good checkpoint (step {kept}) is kept in {where}' if kept is not None else
+         f'no checkpoint was saved before it, so {where} holds nothing to resume from'))
   return losses
+
+
+def _last_saved_step(directory: str) -> int | None:
+  """The newest complete checkpoint in `directory` (a STEP directory: saves are synchronous, so
+  none is left half-written when training goes on), or None."""
+  try:
+    return max((int(n) for n in os.listdir(directory) if n.isdigit()), default=None)
+  except OSError:
+    return None
+
+
+@dataclasses.dataclass
+class LogState:
+  """What a checkpoint carries beside the train state (in its step metadata) so that a resumed run
+  logs and reports what an unbroken one does: the open logging window's loss (a float64 sum in
+  step order, so that it does not depend on where a run was cut), the last closed window's mean
+  loss (the row's train_loss), the steps and seconds behind train_img_per_s (training time
+  without compilation or checkpoint saves), and the wall time of earlier processes up to their
+  last checkpoint."""
+  loss_sum: float = 0.0
+  loss_steps: int = 0
+  last_loss: float = math.nan
+  timed_steps: int = 0
+  timed_s: float = 0.0
+  wall_s: float = 0.0
+
+  def add_losses(self, losses) -> None:
+    for loss in losses:
+      self.loss_sum += float(loss)
+    self.loss_steps += len(losses)
+
+  def close_window(self) -> float:
+    """The window's mean loss, kept as `last_loss`; the next window starts empty."""
+    self.last_loss = self.loss_sum / self.loss_steps
+    self.loss_sum, self.loss_steps = 0.0, 0
+    return self.last_loss
+
+  def img_per_s(self, batch_size: int) -> float:
+    return self.timed_steps * batch_size / self.timed_s if self.timed_s else 0.0
+
+  @classmethod
+  def from_dict(cls, values: dict) -> 'LogState':
+    """From `dataclasses.asdict` (JSON: floats round-trip exactly); {}: a fresh state."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 class _Progress:
@@ -379,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   appends the run's row to the step table."""
   start_time = time.time()
   watch = Stopwatch()
-  validate(config)
+  validate(config, workdir)
   augment = augment_config(config)
   net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
   _check_workdir(workdir)
@@ -417,11 +502,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                             keep=config.keep_checkpoints)
   start_step = 0
-  latest = checkpoints.latest_step()
+  with watch.phase('restore_s'):
+    # CheckpointError (one line, exit 2) where there are checkpoints and none reads back.
+    latest, saved, carried, notes = checkpoints.restore_latest(state)
   if latest is not None:
-    with watch.phase('restore_s'):
-      state = checkpoints.restore(latest, state)
-      start_step = int(state['step'])
+    state, start_step = saved, int(saved['step'])
+  logged = LogState.from_dict(carried.get('log', {}))   # older checkpoints carry none
+  if is_main:
+    for note in notes:
+      print(f'warning: {note}', file=sys.stderr)
+    if latest is not None:
+      print(f'resuming from checkpoint {latest} in {checkpoints.directory}', file=sys.stderr)
+    elif notes:
+      print('no complete checkpoint: starting from step 0', file=sys.stderr)
+
+  def wall_s() -> float:   # earlier processes' up to their last checkpoint, and this one's
+    return logged.wall_s + time.time() - start_time
 
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -447,9 +543,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   progress = _Progress(total, start_step, f'{config.step} seed {config.seed}', is_main)
-  window_loss, window_start, window_steps = [], time.time(), 0
-  first_window = True   # holds the compilation: left out of the speed
-  train_time, trained_steps, last_loss = 0.0, 0, float('nan')
+  pending = []   # device losses of the steps since the last host sync
+  # A window's speed leaves out the compilation and the checkpoint saves in it.
+  window_start, window_steps, window_excluded_s = time.perf_counter(), 0, 0.0
   loop_start, compile_s, checkpoint_s = time.perf_counter(), 0.0, 0.0
   try:
     for step in range(start_step, total):
@@ -458,31 +554,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)
         compile_s = time.perf_counter() - t0
+        window_excluded_s += compile_s
       else:
         state, metrics = train_step(state, batch)
-      window_loss.append(metrics['loss'])
+      pending.append(metrics['loss'])
       window_steps += 1
       progress.update()
       done = step + 1
-      if done % config.log_every_steps == 0 or done == total:
-        losses = _finite_losses(window_loss, done, workdir)   # the only host sync between logs
-        elapsed = time.time() - window_start
-        last_loss = float(losses.mean())
-        if not first_window:
-          train_time += elapsed
-          trained_steps += window_steps
-        first_window = False
+      log_now = done % config.log_every_steps == 0 or done == total
+      save_now = done % config.checkpoint_every_steps == 0 or done == total or preempted
+      if log_now or save_now:
+        # The only host sync between logs; never log or save a state that diverged.
+        logged.add_losses(_finite_losses(pending, done, workdir))
+        pending = []
+      if log_now:
+        elapsed = max(time.perf_counter() - window_start - window_excluded_s, 0.0)
+        loss = logged.close_window()
+        logged.timed_steps += window_steps
+        logged.timed_s += elapsed
         img_s = window_steps * config.batch_size / max(elapsed, 1e-9)
-        record = {'step': done, 'epoch': done / schedule.steps_per_epoch,
-                  'train_loss': last_loss, 'lr': float(metrics['lr']), 'img_per_s': img_s,
-                  'wall_s': time.time() - start_time}
+        record = {'step': done, 'epoch': done / schedule.steps_per_epoch, 'train_loss': loss,
+                  'lr': float(metrics['lr']), 'img_per_s': img_s, 'wall_s': wall_s()}
         log(record)
-        progress.show(loss=f'{last_loss:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_s:.0f}')
-        window_loss, window_start, window_steps = [], time.time(), 0
-      if done % config.checkpoint_every_steps == 0 or done == total or preempted:
-        _finite_losses(window_loss, done, workdir)   # never save a state that diverged
+        progress.show(loss=f'{loss:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_s:.0f}')
+        window_start, window_steps, window_excluded_s = time.perf_counter(), 0, 0.0
+      if save_now:
         t0 = time.perf_counter()
-        checkpoints.save(done, state, wait=bool(preempted) or done == total)
+        carried = dataclasses.asdict(dataclasses.replace(logged, wall_s=wall_s()))
+        checkpoints.save(done, state, {'log': carried})   # returns once committed
+        window_excluded_s += time.perf_counter() - t0
         checkpoint_s += time.perf_counter() - t0
         if preempted:
           raise Preempted()
@@ -490,7 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     t0 = time.perf_counter()
-    checkpoints.close()   # waits for an async save in flight, whatever ended the loop
+    checkpoints.close()
     checkpoint_s += time.perf_counter() - t0
     watch.add('compile_s', compile_s)
     watch.add('checkpoint_s', checkpoint_s)
@@ -515,14 +615,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_start = time.perf_counter()
   test = evaluate('test')
   result = {'step': total, 'top1': test['top1'], 'top5': test['top5'], 'test_loss': test['loss'],
-            'test_examples': test['count'], 'train_loss': last_loss,
-            'train_img_per_s': trained_steps * config.batch_size / train_time if train_time else 0.0}
+            'test_examples': test['count'], 'train_loss': logged.last_loss,
+            'train_img_per_s': logged.img_per_s(config.batch_size)}
   if validation:
     val = evaluate('validation')
     result.update({'val_top1': val['top1'], 'val_top5': val['top5'], 'val_loss': val['loss'],
                    'val_examples': val['count']})
   watch.add('eval_s', time.perf_counter() - eval_start)
-  result['wall_s'] = time.time() - start_time
+  result['wall_s'] = wall_s()
   result['times'] = watch.summary()
   log({k: v for k, v in result.items()})
   if metrics_file:
@@ -537,7 +637,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             graphdef, state['params'], state['batch_stats'], constants)),
         'gmacs': f'{count_macs(cfg, config.data.image_size) / 1e9:.6f}',
         'top1': f'{result["top1"]:.4f}', 'top5': f'{result["top5"]:.4f}',
-        'test_loss': f'{result["test_loss"]:.6f}', 'train_loss': f'{last_loss:.6f}',
+        'test_loss': f'{result["test_loss"]:.6f}', 'train_loss': f'{logged.last_loss:.6f}',
         'validation': validation,
         'val_top1': f'{result["val_top1"]:.4f}' if validation else '',
         'val_loss': f'{result["val_loss"]:.6f}' if validation else '',

@@ -2,6 +2,7 @@
 
 Public API:
   NetConfig, ConfigError          one named flag per ladder change (`modernize.config`)
+  min_image_size, feature_size    the smallest input a config takes; its last feature map's side
   Network, create_model, count_params   the configurable network (`modernize.network`)
   LadderBlock, resnet_bottleneck, convnext_block, Stem, Downsample, Head   (`modernize.blocks`)
   LayerNorm, BatchNorm, DropPath, LayerScale                               (`modernize.layers`)
@@ -13,7 +14,7 @@ Public API:
 """
 
 from modernize.blocks import Downsample, Head, LadderBlock, Stem, convnext_block, resnet_bottleneck
-from modernize.config import ConfigError, NetConfig
+from modernize.config import ConfigError, NetConfig, feature_size, min_image_size
 from modernize.depthwise import DepthwiseConv, depthwise_conv2d
 from modernize.flops import count_macs
 from modernize.ladder import LADDER, LADDER_200, Ladder, Step, get_ladder

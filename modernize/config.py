@@ -3,6 +3,7 @@
 `NetConfig()` with no arguments is torchvision's ResNet-50 (v1.5). Every step of the paper's
 ladder flips one flag (see `modernize.ladder`), and the final step is ConvNeXt-T. Any combination
 that makes sense builds; one that does not raises `ConfigError` naming the flag at construction.
+`feature_size` and `min_image_size` say which input sizes a config can take.
 """
 
 from __future__ import annotations
@@ -139,3 +140,36 @@ class NetConfig:
       narrow = self.width if not self.inverted_bottleneck else self.width * self.expansion
       if narrow % self.groups:
         fail('groups', f'must divide the spatial conv width {narrow} of the first stage')
+
+
+# --- input sizes ----------------------------------------------------------------------------------
+
+def _spatial_layers(cfg: NetConfig) -> list[tuple[int, int, int]]:
+  """(kernel, stride, padding) of each layer that shrinks the feature map, in order; a layer of
+  size k, stride s and padding p maps n pixels to (n + 2p - k) // s + 1, PyTorch's floor."""
+  stem = [(7, 2, 3), (3, 2, 1)] if cfg.stem == 'resnet' else [(4, 4, 0)]   # + max-pool
+  k = cfg.kernel_size   # in-block: the spatial conv's stride (its 1x1 shortcut gives the same size)
+  down = (2, 2, 0) if cfg.downsampling == 'separate' else (k, 2, k // 2)
+  return stem + [down] * (len(cfg.depths) - 1)
+
+
+def feature_size(cfg: NetConfig, image_size: int) -> int:
+  """Side of the last stage's feature map for a square input of `image_size` pixels; 0 when the
+  input is too small for the network (its pooled features would be empty)."""
+  n = image_size
+  for k, s, p in _spatial_layers(cfg):
+    n = max(0, (n + 2 * p - k) // s + 1) if n > 0 else 0
+  return n
+
+
+def min_image_size(cfg: NetConfig) -> int:
+  """The smallest square input the network can classify: the last feature map is then 1x1.
+
+  ResNet stem with in-block downsampling: 1 (every layer rounds up); patchify stem: 4 with in-block
+  downsampling, 32 with separate 2x2/2 downsampling (ConvNeXt: 28 or 30 pixels leave a 0x0 map);
+  ResNet stem with separate downsampling: 29. Found by inverting each layer's size from the end.
+  """
+  n = 1
+  for k, s, p in reversed(_spatial_layers(cfg)):
+    n = max(1, (n - 1) * s + k - 2 * p)
+  return n
