@@ -1,14 +1,21 @@
 """Test-session settings."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-# Training subprocesses share one compilation cache for the session (not the user's): the same
-# smoke configs are compiled by several tests.
-os.environ.setdefault('MODERNIZE_COMPILATION_CACHE',
-                      tempfile.mkdtemp(prefix='modernize-test-jax-cache-'))
+# The session's caches, not the user's (~/.cache/modernize), removed when the session ends:
+# training subprocesses share one compilation cache (the same smoke configs are compiled by several
+# tests), and the native depthwise kernel is built once into a cache of its own.
+_SESSION_DIR = tempfile.mkdtemp(prefix='modernize-test-')
+os.environ.setdefault('MODERNIZE_COMPILATION_CACHE', os.path.join(_SESSION_DIR, 'jax'))
+os.environ.setdefault('MODERNIZE_CACHE_DIR', os.path.join(_SESSION_DIR, 'native'))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
