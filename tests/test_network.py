@@ -13,6 +13,10 @@ from flax import nnx
 from modernize import (LADDER, LADDER_200, BatchNorm, DepthwiseConv, LayerNorm, Network, NetConfig,
                        count_macs, count_params, create_model, preset)
 
+# The paper prints GFLOPs to two decimals: a count that rounds to the printed figure is off by at
+# most half a unit of its last digit.
+PRINTED = 0.005 + 1e-9
+
 
 def _conv_facts(conv):
   if isinstance(conv, DepthwiseConv):
@@ -233,11 +237,17 @@ def test_steps_cli_json():
                        capture_output=True, text=True, check=True).stdout
   rows = json.loads(out)
   assert [r['step'] for r in rows] == LADDER.names()
+  by_step = {r['step']: r for r in rows}
   for r in rows:
     assert {'step', 'params', 'gmacs', 'paper_gflops', 'paper_top1'} <= set(r)
-    reference = 4.2 if r['step'] == 'layer_norm' else r['paper_gflops']
-    assert abs(r['gmacs'] / reference - 1) <= 0.02, r
-  by_step = {r['step']: r for r in rows}
+    if r['step'] == 'layer_norm':     # Table 10's 4.46 is a typo (README): BN -> LN adds no MACs
+      assert r['gmacs'] == by_step['fewer_norms']['gmacs']
+      assert abs(r['gmacs'] / 4.2 - 1) <= 0.015, r   # Figure 2's 4.2, printed to 2 digits
+    elif r['step'] == 'convnext_t':   # the one row off (README): 4.456 against 4.49, -0.77%
+      assert abs(r['gmacs'] / r['paper_gflops'] - 1) <= 0.008, r
+    else:
+      assert abs(r['gmacs'] - r['paper_gflops']) <= PRINTED, r
+
   assert by_step['resnet50']['params'] == by_step['enhanced_recipe']['params'] == 25_557_032
   assert by_step['convnext_t']['params'] == 28_589_128
 
@@ -251,4 +261,4 @@ def test_steps_cli_bad_input():
 def test_resnet200_ladder_matches_table_11():
   for step in LADDER_200.steps:
     gmacs = count_macs(LADDER_200.net_config(step.name)) / 1e9
-    assert abs(gmacs / step.paper_gflops - 1) <= 0.02, (step.name, gmacs)
+    assert abs(gmacs - step.paper_gflops) <= PRINTED, (step.name, gmacs)
