@@ -1,6 +1,5 @@
 """Training end to end on the smoke option: runs, rows, sharding, multi-process, resume, bad input."""
 
-import csv
 import json
 import os
 import signal
@@ -192,30 +191,6 @@ def test_sigterm_saves_and_resumes(tmp_path):
   step, _ = final_params(workdir)
   assert 0 < step < 320
   assert not os.path.exists(tmp_path / 'steps.csv')
-
-
-APPENDER = r'''
-import sys
-from experiments import steptable
-from experiments.checkpoint import load_numpy, load_trained_model
-i = int(sys.argv[2])
-for j in range(25):
-  steptable.append_row(sys.argv[1], {'step': f'step,"{i}"', 'seed': j, 'top1': 1.5 * i,
-                                     'versions': 'x' * 500})
-'''
-
-
-def test_concurrent_appends(tmp_path):
-  table = str(tmp_path / 'steps.csv')
-  procs = [subprocess.Popen([sys.executable, '-c', APPENDER, table, str(i)], cwd=ROOT)
-           for i in range(8)]
-  assert all(p.wait(timeout=120) == 0 for p in procs)
-  with open(table, newline='') as f:
-    rows = list(csv.reader(f))
-  assert rows[0] == list(steptable.COLUMNS)
-  assert len(rows) == 1 + 8 * 25 and all(len(r) == len(steptable.COLUMNS) for r in rows)
-  seen = {(r[1], r[3]) for r in rows[1:]}
-  assert seen == {(f'step,"{i}"', str(j)) for i in range(8) for j in range(25)}
 
 
 @pytest.mark.parametrize('arg, overrides, message', [
