@@ -2,6 +2,7 @@
 # make ladder  set up, then train and show the default CPU ladder on Fashion-MNIST
 # make ladder-quick  a rough ladder in minutes (one seed, a tenth of the training; not at plateau)
 # make bench   set up (with PyTorch/timm), then time JAX against timm (README, "Speed on CPU")
+# make mutate  plant the deliberate bugs of tests/mutations.toml one at a time; report which the tests catch
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ LADDER_SEEDS ?= 2
 QUICK_OUT ?= runs/ladder-quick
 QUICK_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature,longer=0.1
 
-.PHONY: venv venv-core test test-fast ladder ladder-quick bench data clean
+.PHONY: venv venv-core test test-fast mutate ladder ladder-quick bench data clean
 
 venv: $(STAMP)
 venv-core: $(STAMP_CORE)
@@ -47,6 +48,10 @@ test: venv data
 # Without the PyTorch reference tests.
 test-fast: venv data
 	$(BIN)/python -m pytest tests -q -ra -m 'not torch'
+
+# Deliberate bugs, one at a time, in a scratch copy: every one must make its tests fail.
+mutate: venv data
+	$(BIN)/python tests/mutate.py
 
 ladder: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
