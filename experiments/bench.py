@@ -262,6 +262,9 @@ class _TorchWorker:
     """device: 'cpu' or 'cuda'; amp: bfloat16 autocast."""
     start = time.perf_counter()
     self.device = device
+    if device == 'cuda':
+      import torch
+      torch.backends.cudnn.benchmark = True   # as timm's train.py and benchmark.py
     choices = {'auto': (True, False), 'channels_last': (True,), 'contiguous': (False,)}
     probe = {}
     for cl in choices[memory_format]:
