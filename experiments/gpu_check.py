@@ -2,7 +2,8 @@
 
   python -m experiments.gpu_check --out DIR [--stages a,b,c,d] [--dry-run]
 
-Stages (each with a time budget, --budget-a ... --budget-d, defaults 170 + 170 + 50 + 50 = 440 s):
+Stages (each with a time budget, --budget-a ... --budget-d, defaults 160 + 160 + 50 + 50 = 420 s, leaving
+~60 s for start-up, the environment probe and overruns: a stage stops between cases):
   a  every adopted ladder step trained through the real trainer (`python -m experiments.train`,
      one subprocess per step) on Fashion-MNIST: top-1, train img/s, compile (first step) time.
      Choice: scale cpu, 32x32x1, batch 128, the CPU miniature recipe (`miniature`: learning rates
@@ -61,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('a', 'b', 'c', 'd')
 STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
                'c': 'depthwise conv', 'd': 'input pipeline'}
-BUDGETS = {'a': 170.0, 'b': 170.0, 'c': 50.0, 'd': 50.0}
+BUDGETS = {'a': 160.0, 'b': 160.0, 'c': 50.0, 'd': 50.0}
 # Environment of every JAX subprocess: share the GPU instead of taking 75% of it each.
 JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin',
