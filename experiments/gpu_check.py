@@ -2,8 +2,8 @@
 
   python -m experiments.gpu_check --out DIR [--stages a,b,c,d] [--dry-run]
 
-Stages (each with a time budget, --budget-a ... --budget-d, defaults 160 + 160 + 50 + 50 = 420 s, leaving
-~60 s for start-up, the environment probe and overruns: a stage stops between cases):
+Stages (each with a time budget, --budget-a ... --budget-d, defaults 160 + 160 + 50 + 50 = 420 s,
+leaving ~60 s for start-up, the environment probe and overruns: a stage stops between cases):
   a  every adopted ladder step trained through the real trainer (`python -m experiments.train`,
      one subprocess per step) on Fashion-MNIST: top-1, train img/s, compile (first step) time.
      Choice: scale cpu, 32x32x1, batch 128, the CPU miniature recipe (`miniature`: learning rates
