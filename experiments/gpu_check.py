@@ -92,7 +92,8 @@ def settings(dry_run: bool) -> dict:
   if dry_run:
     return {'a': {'steps': 'ends', 'options': 'smoke', 'updates': 3, 'batch': 32, 'procs': 2,
                   'threads': 1, 'image_size': 32},
-            'b': {'steps': ['convnext_t'], 'dtypes': ['float32', 'bfloat16'], 'size': 32, 'batch': 2, 'rounds': 1, 'round_seconds': 0.05, 'device': 'cpu'},
+            'b': {'steps': ['convnext_t'], 'dtypes': ['float32', 'bfloat16'], 'size': 32,
+                  'batch': 2, 'rounds': 1, 'round_seconds': 0.05, 'device': 'cpu'},
             'c': {'shapes': [(2, 8, 8, 96, 7, 1), (2, 4, 4, 192, 7, 1), (2, 2, 2, 384, 7, 1),
                              (2, 1, 1, 768, 7, 1)], 'impls': ['xla', 'shift', 'native'],
                   'repeats': 3, 'budget_s': 0.2},
@@ -196,7 +197,7 @@ def markdown(data: dict) -> str:
   return '\n'.join(lines)
 
 
-# --- stage workers (subprocesses: a crash or a hung GPU costs one stage, not the run) --------------
+# --- stage workers (subprocesses: a crash or a hung GPU costs one stage, not the run) -----------
 
 def _stream(stage: str, extra: list[str], timeout: float, on_case) -> str | None:
   """Runs `python -m experiments.gpu_check --worker STAGE ...`, handing every JSON line it prints
