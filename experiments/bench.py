@@ -125,7 +125,8 @@ class _JaxWorker:
     import jax  # noqa: F401  (the backend starts here, after the malloc settings)
     self.fn = self.state = self.batch = None
 
-  def setup(self, step, size, batch, scale):
+  def setup(self, step, size, batch, scale, dtype=None, warmup=True):
+    """warmup=False: compile only (several workers can then compile at once and run in turn)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -147,8 +148,10 @@ class _JaxWorker:
       config = ladder_config.get_config('convnext_t,data=cifar10,scale=full')
       config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
       config.augment.label_smoothing = 0.0
+      # dtype: the compute dtype (NetConfig.dtype, e.g. 'bfloat16'); None: the config's default.
+      extra = {} if dtype is None else {'dtype': dtype}
       cfg = modernize.LADDER.net_config(step, num_classes=NUM_CLASSES, in_channels=3,
-                                        drop_path_rate=0.0)
+                                        drop_path_rate=0.0, **extra)
       lr = optax.constant_schedule(1e-3)
       channels = 3
     tx = train.optimizer(config, lr)
@@ -164,7 +167,8 @@ class _JaxWorker:
     start = time.perf_counter()
     self.fn = fn.lower(self.state, self.batch).compile()
     compile_s = time.perf_counter() - start
-    self.run(2)  # warm-up
+    if warmup:
+      self.run(2)
     params = sum(int(p.size) for p in jax.tree.leaves(self.state['params']))
     return {'compile_s': compile_s, 'init_s': init_s, 'params': params, 'batch': batch,
             'macs': modernize.count_macs(cfg, size), 'config': cfg.to_dict()}
@@ -194,6 +198,15 @@ class _JaxWorker:
       rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
     return {'gflops': rates}
 
+  @staticmethod
+  def device_peak():
+    """The accelerator's peak bytes in use by this process (None on CPU, which reports none)."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get('peak_bytes_in_use')
+    return {'device_peak_mb': None if peak is None else peak / 2**20,
+            'device': jax.devices()[0].device_kind}
+
 
 class _TorchWorker:
   def __init__(self, threads):
@@ -201,6 +214,7 @@ class _TorchWorker:
     torch.set_num_threads(threads)
     self.threads = threads
     self.step_fn = None
+    self.device = 'cpu'
 
   @staticmethod
   def _model(step):
@@ -214,13 +228,14 @@ class _TorchWorker:
       return timm.create_model('convnext_tiny', num_classes=NUM_CLASSES)
     raise ValueError(f'no timm equivalent for {step!r}')
 
-  def _build(self, step, size, batch, channels_last):
+  def _build(self, step, size, batch, channels_last, amp=False):
+    import contextlib
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
-    model = self._model(step).train()
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, NUM_CLASSES, (batch,))
+    model = self._model(step).train().to(self.device)
+    x = torch.randn(batch, 3, size, size, device=self.device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=self.device)
     if channels_last:
       model = model.to(memory_format=torch.channels_last)
       x = x.contiguous(memory_format=torch.channels_last)
@@ -229,21 +244,31 @@ class _TorchWorker:
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.05},
                              {'params': no_decay, 'weight_decay': 0.0}], lr=1e-3)
 
+    # amp: bfloat16 autocast (no loss scaling needed), as timm's --amp-dtype bfloat16.
+    autocast = (lambda: torch.autocast(self.device, dtype=torch.bfloat16)) if amp else \
+        contextlib.nullcontext
+
     def step_fn():
       opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(model(x), y)
+      with autocast():
+        loss = F.cross_entropy(model(x), y)
       loss.backward()
       opt.step()
       return loss
 
     return model, step_fn
 
-  def setup(self, step, size, batch, memory_format='auto'):
+  def setup(self, step, size, batch, memory_format='auto', device='cpu', amp=False):
+    """device: 'cpu' or 'cuda'; amp: bfloat16 autocast."""
     start = time.perf_counter()
+    self.device = device
+    if device == 'cuda':
+      import torch
+      torch.backends.cudnn.benchmark = True   # as timm's train.py and benchmark.py
     choices = {'auto': (True, False), 'channels_last': (True,), 'contiguous': (False,)}
     probe = {}
     for cl in choices[memory_format]:
-      model, step_fn = self._build(step, size, batch, cl)
+      model, step_fn = self._build(step, size, batch, cl, amp)
       if len(choices[memory_format]) > 1:
         for _ in range(2):
           step_fn()
@@ -251,13 +276,15 @@ class _TorchWorker:
         for _ in range(3):
           t = time.perf_counter()
           step_fn()
+          self._sync()
           times.append(time.perf_counter() - t)
         probe[cl] = statistics.median(times)
       del model, step_fn
     channels_last = min(probe, key=probe.get) if probe else choices[memory_format][0]
-    model, self.step_fn = self._build(step, size, batch, channels_last)
+    model, self.step_fn = self._build(step, size, batch, channels_last, amp)
     self.run(2)
     return {'setup_s': time.perf_counter() - start, 'channels_last': channels_last,
+            'device': device, 'amp': 'bfloat16' if amp else None,
             'params': sum(p.numel() for p in model.parameters()),
             'probe_s': {('channels_last' if k else 'contiguous'): v for k, v in probe.items()}}
 
@@ -267,8 +294,22 @@ class _TorchWorker:
     for _ in range(n):
       start = time.perf_counter()
       self.step_fn()
+      self._sync()
       times.append(time.perf_counter() - start)
     return {'times': times, 'cpu_s': (time.process_time() - cpu) / n}
+
+  def _sync(self):
+    if self.device != 'cpu':
+      import torch
+      torch.cuda.synchronize()
+
+  def device_peak(self):
+    """torch.cuda.max_memory_allocated of this process (None on CPU)."""
+    import torch
+    if self.device == 'cpu' or not torch.cuda.is_initialized():
+      return {'device_peak_mb': None}
+    return {'device_peak_mb': torch.cuda.max_memory_allocated() / 2**20,
+            'device': torch.cuda.get_device_name()}
 
   def matmul(self, n=2048, reps=10):
     import torch
@@ -381,7 +422,7 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def _torch_worker(step, size, batch, args) -> tuple[Worker, dict]:
+def _torch_worker(step, size, batch, args, device='cpu', amp=False) -> tuple[Worker, dict]:
   """The PyTorch worker, with the faster OpenMP wait policy when asked for 'auto'.
 
   PyTorch's OpenMP threads spin at barriers by default; when another process holds one of the
@@ -396,7 +437,9 @@ def _torch_worker(step, size, batch, args) -> tuple[Worker, dict]:
       env = {'OMP_WAIT_POLICY': 'PASSIVE'} if policy == 'passive' else {}
       w = Worker('torch', args, env)
       candidates.append((w, policy))
-      setup = w.call('setup', step=step, size=size, batch=batch, memory_format=args.torch_format)
+      extra = {} if device == 'cpu' and not amp else {'device': device, 'amp': amp}
+      setup = w.call('setup', step=step, size=size, batch=batch, memory_format=args.torch_format,
+                     **extra)
       probe = statistics.median(w.call('run', n=3)['times']) if len(policies[
           args.torch_wait_policy]) > 1 else 0.0
       candidates[-1] = (w, policy, setup, probe)
@@ -413,19 +456,30 @@ def _torch_worker(step, size, batch, args) -> tuple[Worker, dict]:
              'policy_probe_s': {c[1]: c[3] for c in candidates} if len(candidates) > 1 else {}}
 
 
-def bench_case(step, size, batch, args, matmul_gflops) -> dict:
+def bench_case(step, size, batch, args, matmul_gflops, *, dtype=None, torch_device='cpu',
+               amp=False, env=None) -> dict:
+  """One training-step case, JAX beside timm. dtype: the JAX compute dtype (None: the default);
+  torch_device / amp: where timm runs and whether under bfloat16 autocast; env: extra environment
+  of the workers (e.g. XLA_PYTHON_CLIENT_PREALLOCATE). Off the CPU, each worker also reports its
+  accelerator's peak memory ('device_peak_mb')."""
   record = {'kind': 'train', 'step': step, 'shape': f'{size}x{size}', 'batch': batch,
             'timm': TIMM_EQUIVALENT.get(step),
             'load_avg_start': os.getloadavg()[0]}
-  workers = {'jax': Worker('jax', args)}
+  if dtype is not None:
+    record['dtype'] = dtype
+  workers = {'jax': Worker('jax', args, env)}
+  device_peak = torch_device != 'cpu'
   try:
+    extra = {} if dtype is None else {'dtype': dtype}
     setup = {'jax': workers['jax'].call('setup', step=step, size=size, batch=batch,
-                                        scale='full')}
+                                        scale='full', **extra)}
     if record['timm'] and args.torch:
-      workers['torch'], setup['torch'] = _torch_worker(step, size, batch, args)
+      workers['torch'], setup['torch'] = _torch_worker(step, size, batch, args, torch_device, amp)
     times, per_round = alternate(workers, args.rounds, args.round_seconds)
     for name, w in workers.items():
       record[name] = {**summarize(times[name], batch), **setup[name], **w.call('peak')}
+      if device_peak:
+        record[name].update(w.call('device_peak'))
       record[name].pop('config', None)
   except RuntimeError as e:
     record['error'] = str(e).splitlines()[0]

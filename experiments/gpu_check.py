@@ -1,0 +1,582 @@
+"""The GPU acceptance run: one command, at most 8 minutes on one GPU with 16 cores and no internet.
+
+  python -m experiments.gpu_check --out DIR [--stages a,b,c,d] [--dry-run]
+
+Stages (each with a time budget, --budget-a ... --budget-d, defaults 160 + 160 + 50 + 50 = 420 s,
+leaving ~60 s for start-up, the environment probe and overruns: a stage stops between cases):
+  a  every adopted ladder step trained through the real trainer (`python -m experiments.train`,
+     one subprocess per step) on Fashion-MNIST: top-1, train img/s, compile (first step) time.
+     Choice: scale cpu, 32x32x1, batch 128, the CPU miniature recipe (`miniature`: learning rates
+     quoted at batch 128, no Mixup/CutMix) without its validation split, 300 updates (0.64 epoch).
+     Why: the 14 steps' compilation (tens of seconds each on a GPU) dominates, so the networks are
+     the CPU ladder's (top-1 comparable with the CPU ladder's early training) and all 14 steps
+     run at once (min(14, cpus - 2) processes) as trainer subprocesses sharing the GPU
+     (XLA_PYTHON_CLIENT_PREALLOCATE=false), each with os.cpu_count() // procs input threads: one
+     wave, expected ~90-150 s, most of it compilation. At this size the GPU outruns the input
+     pipeline, and 14 processes share the GPU (and its autotuning), so stage a's train img/s
+     measures the pipeline with one thread, not the GPU (stage b does). The persistent
+     compilation cache is off, so compile times are cold.
+  b  the training step (fwd + bwd + AdamW) of ResNet-50 and ConvNeXt-T, paper scale, 224x224,
+     batch 128, float32 and bfloat16 (`NetConfig.dtype`), beside timm's resnet50 / convnext_tiny on
+     the same GPU (channels_last; float32 beside float32, bfloat16 autocast beside bfloat16), with
+     peak GPU memory (jax `memory_stats()['peak_bytes_in_use']`, `torch.cuda.max_memory_allocated`):
+     `experiments.bench.bench_case` (its workers, alternation and `summarize`).
+  c  the depthwise 7x7 conv of ConvNeXt-T's four stages at 224px, batch 128, forward and
+     forward + backward, for every implementation in `modernize.depthwise`
+     (`experiments.bench_depthwise.bench`; 'native' is CPU-only and is recorded as failed on a GPU).
+  d  the input pipeline (`experiments.bench_data.bench`): Fashion-MNIST at 224x224x3 with the
+     enhanced recipe's augmentation for large images (RandomResizedCrop, flip, RandAugment(2, 9),
+     Random Erasing), batch 128, with os.cpu_count() threads and with one.
+
+Writes DIR/gpu_check.json (rewritten atomically after every case, so a timeout keeps what
+finished) and DIR/gpu_check.md (a table per stage); prints one line per case. A failing case is
+recorded as failed with its error in one line, and the run goes on; a stage past its budget stops
+cleanly, recording the cases it skipped. Exit code 0 when the run reached its end (whatever failed:
+read the JSON's 'failed' counts), 2 for bad arguments. `--dry-run`: the same code paths at tiny
+sizes on the CPU (2 ladder steps, 32px / batch 2 benchmarks), ~2-3 minutes here.
+
+On the lent GPU machine (Python 3.12, jax 0.11 with CUDA, torch, timm; no ml_collections, no
+network), from the repository root with carry = ['.whl', '.data'] (wheels of ml_collections and of
+the flax / optax / orbax-checkpoint versions tested here; the four Fashion-MNIST files):
+
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MODERNIZE_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist && python3 -m experiments.gpu_check --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from experiments import outputs
+from experiments.cli import UsageError, guarded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ('a', 'b', 'c', 'd')
+STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
+               'c': 'depthwise conv', 'd': 'input pipeline'}
+BUDGETS = {'a': 160.0, 'b': 160.0, 'c': 50.0, 'd': 50.0}
+# Environment of every JAX subprocess: share the GPU instead of taking 75% of it each.
+JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin',
+            'jax-cuda12-pjrt', 'flax', 'optax', 'orbax-checkpoint', 'ml_collections', 'numpy',
+            'torch', 'timm', 'pillow', 'opencv-python-headless')
+FORCE_FAIL_ENV = 'MODERNIZE_GPU_CHECK_FAIL'   # 'STAGE:CASE': that case fails (tests)
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def _one_line(text: str) -> str:
+  lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith('error:') or 'Error' in l]
+  return (errors[-1] if errors else lines[-1] if lines else 'failed')[:400]
+
+
+def _forced(stage: str, case: str) -> bool:
+  return os.environ.get(FORCE_FAIL_ENV, '') == f'{stage}:{case}'
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+def settings(dry_run: bool) -> dict:
+  cpus = os.cpu_count() or 2
+  if dry_run:
+    return {'a': {'steps': 'ends', 'options': 'smoke', 'updates': 3, 'batch': 32, 'procs': 2,
+                  'threads': 1, 'image_size': 32},
+            'b': {'steps': ['convnext_t'], 'dtypes': ['float32', 'bfloat16'], 'size': 32,
+                  'batch': 2, 'rounds': 1, 'round_seconds': 0.05, 'device': 'cpu'},
+            'c': {'shapes': [(2, 8, 8, 96, 7, 1), (2, 4, 4, 192, 7, 1), (2, 2, 2, 384, 7, 1),
+                             (2, 1, 1, 768, 7, 1)], 'impls': ['xla', 'shift', 'native'],
+                  'repeats': 3, 'budget_s': 0.2},
+            'd': {'image_size': 64, 'batch': 16, 'steps': 3, 'warmup': 1,
+                  'workers': [cpus, 1]}}
+  procs = max(2, min(14, cpus - 2))   # 14 adopted steps: all at once on 16 cores
+  return {'a': {'steps': 'adopted', 'options': 'miniature', 'updates': 300, 'batch': 128,
+                'procs': procs, 'threads': max(1, cpus // procs), 'image_size': 32},
+          'b': {'steps': ['convnext_t', 'resnet50'], 'dtypes': ['bfloat16', 'float32'],
+                'size': 224, 'batch': 128, 'rounds': 2, 'round_seconds': 1.5, 'device': 'cuda'},
+          'c': {'shapes': [(128, 56, 56, 96, 7, 1), (128, 28, 28, 192, 7, 1),
+                           (128, 14, 14, 384, 7, 1), (128, 7, 7, 768, 7, 1)],
+                'impls': ['xla', 'shift', 'native'], 'repeats': 20, 'budget_s': 1.0},
+          'd': {'image_size': 224, 'batch': 128, 'steps': 10, 'warmup': 3, 'workers': [cpus, 1]}}
+
+
+# --- the result file ------------------------------------------------------------------------------
+
+class Report:
+  """gpu_check.json and gpu_check.md, both rewritten whole after every change."""
+
+  def __init__(self, out: str, args, conf: dict):
+    self.out = out
+    self.data = {'command': ' '.join(sys.argv), 'dry_run': args.dry_run,
+                 'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'settings': conf,
+                 'budgets_s': {s: getattr(args, f'budget_{s}') for s in STAGES}, 'stages': {}}
+    path = os.path.join(out, 'gpu_check.json')
+    if os.path.exists(path):   # a rerun of some stages keeps the others' results
+      try:
+        with open(path) as f:
+          self.data['stages'] = json.load(f).get('stages', {})
+      except (OSError, ValueError):
+        pass
+
+  def stage(self, name: str) -> dict:
+    self.data['stages'][name] = {'name': STAGE_NAMES[name], 'status': 'running', 'cases': [],
+                                 'skipped': [], 'started': time.time()}
+    self.save()
+    return self.data['stages'][name]
+
+  def save(self) -> None:
+    stages = self.data['stages']
+    self.data['failed'] = {k: sum(c.get('status') == 'failed' for c in v.get('cases', []))
+                           for k, v in stages.items()}
+    outputs.write_json(os.path.join(self.out, 'gpu_check.json'), self.data)
+    outputs.write_atomic(os.path.join(self.out, 'gpu_check.md'), markdown(self.data))
+
+
+def _f(value, fmt='.1f') -> str:
+  return '-' if value is None else format(value, fmt)
+
+
+def markdown(data: dict) -> str:
+  lines = ['# GPU acceptance run' + (' (dry run, CPU)' if data.get('dry_run') else ''), '']
+  env = data['stages'].get('env', {}).get('cases', [])
+  if env and env[0].get('status') == 'ok':
+    e = env[0]
+    lines += [f"Device: {e.get('device_kind')} ({e.get('platform')}, {e.get('device_count')} "
+              f"device(s)); GPU {e.get('gpu_name') or '-'}; {e.get('cpu_count')} CPUs; "
+              f"jax_default_matmul_precision {e.get('matmul_precision')}.",
+              'Versions: ' + ', '.join(f'{k} {v}' for k, v in e.get('versions', {}).items()), '']
+  for key in STAGES:
+    st = data['stages'].get(key)
+    if not st:
+      continue
+    lines += [f"## {key}: {st['name']} ({st['status']}, {_f(st.get('wall_s'))} s)", '']
+    cases = st['cases']
+    if key == 'a':
+      lines += ['| step | status | updates | top-1 % | train img/s | compile s | wall s |',
+                '|---|---|---|---|---|---|---|']
+      lines += [f"| {c['case']} | {c['status']} | {c.get('updates', '-')} | "
+                f"{_f(c.get('top1'), '.2f')} | {_f(c.get('train_img_s'), '.0f')} | "
+                f"{_f(c.get('compile_s'))} | {_f(c.get('wall_s'))} |" for c in cases]
+    elif key == 'b':
+      lines += ['| model | dtype | status | JAX img/s | timm img/s | JAX/timm | JAX compile s '
+                '| peak GB JAX / timm |', '|---|---|---|---|---|---|---|---|']
+      for c in cases:
+        j, t = c.get('jax') or {}, c.get('torch') or {}
+        gb = lambda r: _f(r['device_peak_mb'] / 1024, '.2f') if r.get('device_peak_mb') else '-'
+        peak = f'{gb(j)} / {gb(t)}'
+        lines.append(f"| {c['step']} | {c['dtype']} | {c['status']} | {_f(j.get('img_s'), '.0f')} "
+                     f"| {_f(t.get('img_s'), '.0f')} | {_f(c.get('ratio'), '.2f')} | "
+                     f"{_f(j.get('compile_s'))} | {peak} |")
+    elif key == 'c':
+      lines += ['| shape NxHxWxC k s | impl | status | fwd ms | fwd+bwd ms | f+b vs xla |',
+                '|---|---|---|---|---|---|']
+      lines += [f"| {c['shape']} | {c['impl']} | {c['status']} | {_f(c.get('fwd_ms'), '.2f')} | "
+                f"{_f(c.get('fwd_bwd_ms'), '.2f')} | {_f(c.get('speedup_fwd_bwd'), '.2f')} |"
+                for c in cases]
+    elif key == 'd':
+      lines += ['| threads | status | images/s | images/s per thread |', '|---|---|---|---|']
+      lines += [f"| {c['workers']} | {c['status']} | {_f(c.get('img_s'), '.0f')} | "
+                f"{_f(c.get('img_s_per_thread'), '.0f')} |" for c in cases]
+    failed = [c for c in cases if c.get('status') == 'failed']
+    if failed:
+      lines += [''] + [f"- failed {c['case']}: {c.get('error')}" for c in failed]
+    if st.get('skipped'):
+      lines += ['', f"Skipped (budget of {_f(data['budgets_s'].get(key), '.0f')} s spent): "
+                + ', '.join(st['skipped'])]
+    lines.append('')
+  return '\n'.join(lines)
+
+
+# --- stage workers (subprocesses: a crash or a hung GPU costs one stage, not the run) -----------
+
+def _stream(stage: str, extra: list[str], timeout: float, on_case) -> str | None:
+  """Runs `python -m experiments.gpu_check --worker STAGE ...`, handing every JSON line it prints
+  to on_case; returns an error line, or None."""
+  cmd = [sys.executable, '-m', 'experiments.gpu_check', '--worker', stage, *extra]
+  log = tempfile.TemporaryFile(mode='w+')
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+                          env={**os.environ, **JAX_ENV})
+  deadline = time.time() + timeout
+  import selectors
+  sel = selectors.DefaultSelector()
+  sel.register(proc.stdout, selectors.EVENT_READ)
+  error = None
+  try:
+    while True:
+      left = deadline - time.time()
+      if left <= 0:
+        error = f'stage worker killed after {timeout:.0f} s'
+        break
+      if not sel.select(timeout=min(left, 1.0)):
+        continue
+      line = proc.stdout.readline()
+      if not line:
+        break
+      if line.startswith('{'):
+        on_case(json.loads(line))
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait()
+    log.seek(0)
+    tail = log.read()
+    log.close()
+  if error is None and proc.returncode:
+    error = f'stage worker exited {proc.returncode}: {_one_line(tail)}'
+  return error
+
+
+def worker_c(conf: dict, budget: float) -> None:
+  from experiments import bench_depthwise
+  start = time.time()
+  for shape in conf['shapes']:
+    base = None
+    for impl in conf['impls']:
+      label = 'x'.join(map(str, shape[:4])) + f' k{shape[4]} s{shape[5]}'
+      case = {'case': f'{label} {impl}', 'shape': label, 'impl': impl}
+      if time.time() - start > budget:
+        print(json.dumps({**case, 'status': 'skipped'}), flush=True)
+        continue
+      try:
+        if _forced('c', impl):
+          raise RuntimeError('forced failure (test)')
+        fwd, fb = bench_depthwise.bench(tuple(shape), impl, conf['repeats'], conf['budget_s'])
+        case.update(status='ok', fwd_ms=fwd, fwd_bwd_ms=fb)
+        if impl == 'xla':
+          base = (fwd, fb)
+        if base:
+          case.update(speedup_fwd=base[0] / fwd, speedup_fwd_bwd=base[1] / fb)
+      except Exception as e:  # noqa: BLE001 - recorded, the stage goes on
+        case.update(status='failed', error=_one_line(f'{type(e).__name__}: {e}'))
+      print(json.dumps(case), flush=True)
+
+
+def worker_d(conf: dict, budget: float) -> None:
+  from experiments import bench_data, datasets
+  from experiments.augment import AugmentConfig
+  start = time.time()
+  datasets.load_arrays('fashion_mnist', 'train')
+  for workers in conf['workers']:
+    case = {'case': f'{workers} threads', 'workers': workers, 'image_size': conf['image_size'],
+            'batch': conf['batch']}
+    if time.time() - start > budget:
+      print(json.dumps({**case, 'status': 'skipped'}), flush=True)
+      continue
+    try:
+      if _forced('d', str(workers)):
+        raise RuntimeError('forced failure (test)')
+      # The threads compute workers + prefetch batches ahead: the warm-up takes that backlog
+      # and the timed steps are many more, so that batches made before the clock starts count
+      # little (at most 1/6).
+      ahead = workers + 2
+      rate = bench_data.bench('fashion_mnist', data_dir=None, image_size=conf['image_size'],
+                              batch_size=conf['batch'], channels=3,
+                              augment=AugmentConfig.paper(large=True),
+                              steps=max(conf['steps'], 6 * ahead),
+                              warmup=max(conf['warmup'], ahead), workers=workers, prefetch=2)
+      case.update(status='ok', img_s=rate, img_s_per_thread=rate / workers)
+    except Exception as e:  # noqa: BLE001
+      case.update(status='failed', error=_one_line(f'{type(e).__name__}: {e}'))
+    print(json.dumps(case), flush=True)
+
+
+def worker_env() -> None:
+  import jax
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  dev = jax.devices()[0]
+  gpu_name = None
+  try:
+    out = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version',
+                          '--format=csv,noheader'], capture_output=True, text=True, timeout=20)
+    gpu_name = out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    pass
+  print(json.dumps({'case': 'environment', 'status': 'ok', 'versions': versions,
+                    'python': platform.python_version(), 'platform': dev.platform,
+                    'device_kind': dev.device_kind, 'device_count': jax.device_count(),
+                    'gpu_name': gpu_name, 'cpu_count': os.cpu_count(),
+                    'matmul_precision': str(getattr(jax.config, 'jax_default_matmul_precision',
+                                                    'unknown'))}),
+        flush=True)
+
+
+# --- stage a: the ladder through the trainer ------------------------------------------------------
+
+def stage_a(conf: dict, budget: float, out_dir: str, st: dict, save) -> None:
+  from modernize import LADDER
+  adopted = LADDER.names(include_side=False)
+  steps = adopted if conf['steps'] == 'adopted' else [adopted[0], adopted[-1]]
+  work = tempfile.mkdtemp(prefix='gpu_check_a_')
+  epochs = conf['updates'] * conf['batch'] / 60000
+  env = {**os.environ, **JAX_ENV, 'MODERNIZE_COMPILATION_CACHE': '0',
+         'PYTHONPATH': os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))}
+  if conf['options'] == 'smoke':
+    epochs = conf['updates'] * conf['batch'] / 512
+
+  def command(step):
+    workdir = os.path.join(work, step)
+    cmd = [sys.executable, '-m', 'experiments.train',
+           f"--config=configs/ladder.py:{step},{conf['options']},batch={conf['batch']},"
+           f"image_size={conf['image_size']}", f'--workdir={workdir}',
+           f'--config.epochs={epochs:.6f}', f"--config.data.threads={conf['threads']}",
+           '--config.data.validation=0', '--config.checkpoint_every_steps=100000',
+           f"--config.step_table={os.path.join(work, 'steps.csv')}"]
+    if _forced('a', step):
+      cmd.append('--config.model.no_such_flag=1')
+    return cmd
+
+  start = time.time()
+  pending = list(steps)
+  running = {}   # step -> (proc, started, log)
+  while pending or running:
+    while pending and len(running) < conf['procs']:
+      step = pending.pop(0)
+      log = tempfile.TemporaryFile(mode='w+')
+      proc = subprocess.Popen(command(step), cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                              text=True, env=env)
+      running[step] = (proc, time.time(), log)
+    time.sleep(0.5)
+    over = time.time() - start > budget
+    for step, (proc, t0, log) in list(running.items()):
+      if proc.poll() is None and not over:
+        continue
+      stopped = proc.poll() is None
+      if stopped:   # budget spent: stop it cleanly
+        proc.terminate()
+        try:
+          proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+          proc.kill()
+          proc.wait()
+      stdout = proc.stdout.read()
+      log.seek(0)
+      stderr = log.read()
+      log.close()
+      del running[step]
+      case = {'case': step, 'wall_s': time.time() - t0}
+      if stopped:
+        case.update(status='skipped', error=f'stopped: stage budget {budget:.0f} s spent')
+        st['skipped'].append(step)
+      elif proc.returncode == 0:
+        result = json.loads([l for l in stdout.splitlines() if l.startswith('{')][-1])
+        case.update(status='ok', updates=result['step'], top1=result['top1'],
+                    train_img_s=result['train_img_per_s'],
+                    compile_s=result['times'].get('compile_s'),
+                    init_s=result['times'].get('init_s'), eval_s=result['times'].get('eval_s'))
+      else:
+        case.update(status='failed', error=_one_line(stderr), returncode=proc.returncode)
+      _report_case('a', case)
+      st['cases'].append(case)
+      save()
+    if over:
+      st['skipped'] += pending
+      for step in pending:
+        _log(f'a {step}: skipped (stage budget {budget:.0f} s spent)')
+      pending = []
+
+
+def _report_case(stage: str, case: dict) -> None:
+  if case['status'] == 'failed':
+    _log(f"FAILED stage {stage} case {case['case']}: {case.get('error')}")
+    return
+  if case['status'] == 'skipped':
+    _log(f"{stage} {case['case']}: skipped ({case.get('error', 'stage budget spent')})")
+    return
+  keys = {'a': ('top1', 'train_img_s', 'compile_s'), 'c': ('fwd_ms', 'fwd_bwd_ms'),
+          'd': ('img_s',)}.get(stage, ())
+  shown = ', '.join(f'{k} {case[k]:.2f}' for k in keys if case.get(k) is not None)
+  _log(f"{stage} {case['case']}: ok {shown}")
+
+
+# --- stage b: the train step beside timm ----------------------------------------------------------
+
+def stage_b(conf: dict, budget: float, st: dict, save) -> None:
+  """Compiles every case's JAX step at once (one worker process each: compilation is CPU work and
+  dominates on a GPU), starts the timm workers meanwhile, then times the cases one at a time, JAX
+  alternating with timm (`bench.alternate`), closing each case's workers before the next."""
+  from experiments import bench
+  args = argparse.Namespace(torch_threads=min(8, os.cpu_count() or 2), malloc_tuning=True,
+                            torch=True, torch_wait_policy='default', torch_format='channels_last',
+                            rounds=conf['rounds'], round_seconds=conf['round_seconds'])
+  if conf['device'] == 'cpu':   # the dry run on a small shared CPU: see bench._torch_worker
+    args.torch_threads, args.torch_wait_policy = 2, 'passive'
+  start = time.time()
+  mm = bench.Worker('jax', args, JAX_ENV)
+  try:
+    matmul = max(mm.call('matmul')['gflops'])
+  except RuntimeError as e:
+    matmul = float('nan')
+    _log(f'FAILED stage b case matmul: {_one_line(str(e))}')
+  finally:
+    mm.close()
+  st['matmul_gflops'] = matmul
+  cases = [(step, dtype) for step in conf['steps'] for dtype in conf['dtypes']]
+  size, batch = conf['size'], conf['batch']
+
+  def compile_case(w, step, dtype):
+    if _forced('b', f'{step} {dtype}'):
+      raise RuntimeError('forced failure (test)')
+    # float32 is the default compute dtype: asked for by leaving dtype out, so that it runs
+    # with or without NetConfig.dtype.
+    extra = {} if dtype == 'float32' else {'dtype': dtype}
+    return w.call('setup', step=step, size=size, batch=batch, scale='full', warmup=False, **extra)
+
+  jax_workers = {c: bench.Worker('jax', args, JAX_ENV) for c in cases}
+  with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+    futures = {c: pool.submit(compile_case, w, *c) for c, w in jax_workers.items()}
+    for (step, dtype) in cases:
+      name = f'{step} {dtype}'
+      case = {'case': name, 'step': step, 'dtype': dtype, 'shape': f'{size}x{size}',
+              'batch': batch, 'timm': bench.TIMM_EQUIVALENT.get(step)}
+      workers = {'jax': jax_workers[(step, dtype)]}
+      try:
+        setup_jax = None
+        if time.time() - start < budget:
+          try:
+            setup_jax = futures[(step, dtype)].result(timeout=budget - (time.time() - start))
+          except concurrent.futures.TimeoutError:
+            pass
+        if setup_jax is None:   # budget spent (maybe while compiling): stop every compile
+          for w in jax_workers.values():
+            if w.proc.poll() is None:
+              w.proc.kill()
+          case['status'] = 'skipped'
+          st['skipped'].append(name)
+          _report_case('b', case)
+          continue
+        workers['jax'].call('run', n=2)   # warm-up
+        setup = {'jax': setup_jax}
+        workers['torch'], setup['torch'] = bench._torch_worker(   # pylint: disable=protected-access
+            step, size, batch, args, conf['device'], dtype == 'bfloat16')
+        times, per_round = bench.alternate(workers, args.rounds, args.round_seconds)
+        for k, w in workers.items():
+          case[k] = {**bench.summarize(times[k], batch), **setup[k], **w.call('peak'),
+                     **(w.call('device_peak') if conf['device'] != 'cpu' else {})}
+          case[k].pop('config', None)
+        flops = 3 * 2 * case['jax']['macs'] * batch
+        for k in workers:
+          case[k]['gflops'] = flops / case[k]['median_s'] / 1e9
+        case['ratio'] = case['jax']['img_s'] / case['torch']['img_s']
+        ratios = [r['torch'] / r['jax'] for r in per_round]
+        case['ratio_rounds'] = [min(ratios), max(ratios)]
+        case['status'] = 'ok'
+        j, t = case['jax'], case['torch']
+        _log(f"b {name}: ok JAX {j['img_s']:.0f} img/s (compile {j['compile_s']:.1f} s, peak "
+             f"{_f(j.get('device_peak_mb'), '.0f')} MB), timm {t['img_s']:.0f} img/s (peak "
+             f"{_f(t.get('device_peak_mb'), '.0f')} MB), JAX/timm {case['ratio']:.2f}")
+      except Exception as e:  # noqa: BLE001 - recorded, the next case runs
+        case.update(status='failed', error=_one_line(str(e)))
+        _report_case('b', case)
+      finally:
+        for w in workers.values():
+          w.close()
+        st['cases'].append(case)
+        save()
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', help='directory for gpu_check.json and gpu_check.md')
+  p.add_argument('--stages', default='a,b,c,d', help='comma-separated subset of a,b,c,d')
+  p.add_argument('--dry-run', action='store_true', help='tiny sizes on the CPU, same code paths')
+  for s in STAGES:
+    p.add_argument(f'--budget-{s}', type=float, default=BUDGETS[s],
+                   help=f'seconds for stage {s} (default %(default)s)')
+  p.add_argument('--worker', choices=['env', 'c', 'd'], help=argparse.SUPPRESS)
+  p.add_argument('--conf', help=argparse.SUPPRESS)
+  p.add_argument('--budget', type=float, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+@guarded
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.worker:
+    conf = json.loads(args.conf) if args.conf else {}
+    {'env': lambda: worker_env(), 'c': lambda: worker_c(conf, args.budget),
+     'd': lambda: worker_d(conf, args.budget)}[args.worker]()
+    return 0
+  stages = [s.strip() for s in args.stages.split(',') if s.strip()]
+  bad = sorted(set(stages) - set(STAGES))
+  if bad or not stages:
+    raise UsageError(f'--stages: unknown stage(s) {bad or stages}; choose from a,b,c,d')
+  if not args.out:
+    raise UsageError('--out DIR is required')
+  for s in STAGES:
+    if getattr(args, f'budget_{s}') <= 0:
+      raise UsageError(f'--budget-{s} must be positive')
+  problem = outputs.write_problem(args.out, directory=True)
+  if problem:
+    raise UsageError(f'--out {args.out} {problem}')
+  os.makedirs(args.out, exist_ok=True)
+  if args.dry_run:   # the CPU only, whatever the machine has
+    JAX_ENV['JAX_PLATFORMS'] = 'cpu'
+    JAX_ENV['CUDA_VISIBLE_DEVICES'] = ''
+  conf = settings(args.dry_run)
+  report = Report(args.out, args, conf)
+  t_start = time.time()
+
+  def run_stage(name, fn):
+    st = report.stage(name)
+    t0 = time.time()
+    _log(f'== stage {name}: {STAGE_NAMES[name]}')
+    try:
+      fn(st)
+      st['status'] = 'stopped (budget)' if st['skipped'] else 'done'
+    except Exception as e:  # noqa: BLE001 - one line, then the next stage
+      st['status'] = 'failed'
+      st['error'] = _one_line(f'{type(e).__name__}: {e}')
+      _log(f"FAILED stage {name}: {st['error']}")
+    st['wall_s'] = time.time() - t0
+    report.save()
+
+  def streamed(name, budget):
+    def fn(st):
+      def on_case(case):
+        if case['status'] == 'skipped':
+          st['skipped'].append(case['case'])
+        _report_case(name, case)
+        st['cases'].append(case)
+        report.save()
+      error = _stream(name, ['--conf', json.dumps(conf.get(name, {})), '--budget', str(budget)],
+                      budget + 60, on_case)
+      if error:
+        raise RuntimeError(error)
+    return fn
+
+  run_stage('env', streamed('env', 60))
+  for s in stages:
+    budget = getattr(args, f'budget_{s}')
+    if s == 'a':
+      run_stage('a', lambda st: stage_a(conf['a'], budget, args.out, st, report.save))
+    elif s == 'b':
+      run_stage('b', lambda st: stage_b(conf['b'], budget, st, report.save))
+    else:
+      run_stage(s, streamed(s, budget))
+  report.data['wall_s'] = time.time() - t_start
+  report.save()
+  failed = sum(report.data['failed'].values())
+  _log(f"gpu_check: {time.time() - t_start:.0f} s, {failed} failed case(s); "
+       f"{os.path.join(args.out, 'gpu_check.json')}, gpu_check.md")
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
