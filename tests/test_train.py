@@ -102,10 +102,15 @@ SGD = ['--config.optimizer.optimizer=sgd', '--config.optimizer.base_lr=0.05',
 
 
 def test_one_device_equals_eight_device_mesh(tmp_path):
+  """Trained on 1 and on 8 devices, evaluated on 250 test examples (which the 8-device evaluation
+  pads). A step with LayerNorm. With BatchNorm (resnet50) the runs differ by 1.6e-4 after one step
+  and 1.5e-2 after 16, although the train step on one given batch agrees to 6e-8 on 1- and
+  8-device meshes: the difference enters before the step (open, issue 15)."""
   # SGD, not Adam: Adam's division by sqrt(v) magnifies reduction-order rounding (engineering notes).
   one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
-  run_train(one, 'layer_norm,smoke', *SGD, env={'JAX_NUM_CPU_DEVICES': '1'})
-  run_train(eight, 'layer_norm,smoke', *SGD, env={'JAX_NUM_CPU_DEVICES': '8'})
+  common = [*SGD, '--config.data.test_examples=250']
+  run_train(one, 'layer_norm,smoke', *common, env={'JAX_NUM_CPU_DEVICES': '1'})
+  run_train(eight, 'layer_norm,smoke', *common, env={'JAX_NUM_CPU_DEVICES': '8'})
   s1, a = final_params(one)
   s8, b = final_params(eight)
   assert s1 == s8
@@ -116,6 +121,9 @@ def test_one_device_equals_eight_device_mesh(tmp_path):
   rows = steptable.read_rows(str(tmp_path / 'steps.csv'))
   assert [r['device_count'] for r in rows] == ['1', '8']
   assert abs(float(rows[0]['train_loss']) - float(rows[1]['train_loss'])) < 1e-4
+  # The same network up to rounding evaluates alike: at most one of 250 examples flips.
+  assert abs(float(rows[0]['test_loss']) - float(rows[1]['test_loss'])) < 1e-4
+  assert abs(float(rows[0]['top1']) - float(rows[1]['top1'])) <= 100 / 250 + 1e-9
 
 
 def _free_port():
@@ -145,52 +153,67 @@ def test_two_processes_train_in_lockstep(tmp_path):
   assert len(rows) == 1 and rows[0]['process_count'] == '2'   # only process 0 writes
 
 
-def test_sigkill_and_resume_equals_unbroken_run(tmp_path):
-  unbroken, broken = str(tmp_path / 'unbroken'), str(tmp_path / 'broken')
-  longer = ['--config.epochs=4', '--config.checkpoint_every_steps=8']
-  run_train(unbroken, 'gelu,smoke', *longer)
-  proc = run_train(broken, 'gelu,smoke', *longer, wait=False)
-  ckpt = os.path.join(broken, 'checkpoints')
+LONGER = ['--config.epochs=4', '--config.checkpoint_every_steps=8']
+
+
+@pytest.fixture(scope='module')
+def unbroken(tmp_path_factory):
+  """One unbroken `gelu,smoke` run (64 steps), the reference of the kill and preemption tests."""
+  workdir = str(tmp_path_factory.mktemp('unbroken') / 'run')
+  run_train(workdir, 'gelu,smoke', *LONGER)
+  return workdir, steptable.read_rows(os.path.join(os.path.dirname(workdir), 'steps.csv'))[0]
+
+
+def _interrupt_after_checkpoint(workdir, at_least, sig):
+  """Starts the run, sends `sig` once checkpoint `at_least` (or later) exists; returns stderr."""
+  proc = run_train(workdir, 'gelu,smoke', *LONGER, wait=False)
+  ckpt = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + 300
   while time.time() < deadline:
-    if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= 16 for d in os.listdir(ckpt)):
+    if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= at_least for d in os.listdir(ckpt)):
       break
     if proc.poll() is not None:
-      pytest.fail('the run finished before it could be killed')
+      pytest.fail('the run finished before it could be interrupted')
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert not steptable.read_rows(str(tmp_path / 'steps.csv'))[1:]   # the killed run wrote no row
-  run_train(broken, 'gelu,smoke', *longer)
-  _, a = final_params(unbroken)
-  _, b = final_params(broken)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=300)
+  return proc.returncode, err
+
+
+def _assert_equals_unbroken(workdir, reference_row, table):
+  _, a = final_params(reference_row['workdir'])
+  _, b = final_params(workdir)
   fa, fb = flat(a), flat(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
-  rows = steptable.read_rows(str(tmp_path / 'steps.csv'))
-  assert len(rows) == 2
-  for col in ('top1', 'top5', 'test_loss', 'train_loss'):
-    assert rows[0][col] == rows[1][col], col
+  (row,) = steptable.read_rows(table)
+  for col in ('steps', 'top1', 'top5', 'test_loss', 'train_loss'):
+    assert row[col] == reference_row[col], col
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
+def test_sigkill_and_resume_equals_unbroken_run(tmp_path, unbroken):
+  broken = str(tmp_path / 'broken')
+  code, _ = _interrupt_after_checkpoint(broken, 16, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  assert not steptable.read_rows(str(tmp_path / 'steps.csv'))   # the killed run wrote no row
+  run_train(broken, 'gelu,smoke', *LONGER)
+  _assert_equals_unbroken(broken, unbroken[1], str(tmp_path / 'steps.csv'))
+
+
+def test_sigterm_saves_and_resumes(tmp_path, unbroken):
+  """Preemption: SIGTERM saves the current step and exits 143; the restart ends where an unbroken
+  run does, with the same row."""
   workdir = str(tmp_path / 'run')
-  proc = run_train(workdir, 'resnet50,smoke', '--config.epochs=20',
-                   '--config.checkpoint_every_steps=1000', '--config.log_every_steps=2',
-                   wait=False)
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 143, err[-2000:]
+  code, err = _interrupt_after_checkpoint(workdir, 8, signal.SIGTERM)
+  assert code == 143, err[-2000:]
   assert 'preempted' in err and 'Traceback' not in err
   step, _ = final_params(workdir)
-  assert 0 < step < 320
+  assert 8 <= step < 64
   assert not os.path.exists(tmp_path / 'steps.csv')
+  res = run_train(workdir, 'gelu,smoke', *LONGER)
+  assert f'resuming from checkpoint {step}' in res.stderr, res.stderr[-2000:]
+  _assert_equals_unbroken(workdir, unbroken[1], str(tmp_path / 'steps.csv'))
 
 
 @pytest.mark.parametrize('arg, overrides, message', [
