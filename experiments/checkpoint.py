@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from experiments import outputs
 from experiments.cli import UsageError
 
 # Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when whole.
@@ -86,8 +87,31 @@ class Checkpoints:
   def save(self, step: int, tree, metadata: dict | None = None) -> None:
     """Writes `tree` (arrays) and `metadata` (JSON values, kept in orbax's step metadata) as
     checkpoint `step`; returns once the checkpoint is committed."""
-    self.manager.save(step, args=ocp.args.StandardSave(tree), custom_metadata=metadata or {},
-                      force=True)
+    existed = os.path.isdir(os.path.join(self.directory, str(step)))
+    try:
+      with _quiet():
+        self.manager.save(step, args=ocp.args.StandardSave(tree),
+                          custom_metadata=metadata or {}, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      problem = outputs.storage_problem(e)
+      if problem is None:
+        raise   # not the storage: a bug, with its traceback
+      self._remove_partial(step, keep_whole=existed)
+      # The run ends here; orbax's failed background writes would report the same error again
+      # when collected at exit, in hundreds of lines.
+      logging.disable(logging.CRITICAL)
+      sys.unraisablehook = lambda _: None
+      raise CheckpointError(f'cannot write checkpoint {step} in {self.directory} ({problem}); '
+                            'the checkpoints saved before it are kept') from None
+
+  def _remove_partial(self, step: int, keep_whole: bool) -> None:
+    """Removes what a failed save of `step` left (process 0), so no part of it is taken for a
+    checkpoint; `keep_whole`: checkpoint `step` existed before this save and stays."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if (name == str(step) and not keep_whole) or name.startswith(f'{step}{_TMP_SUFFIX}'):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def metadata(self, step: int) -> dict:
     """The `metadata` checkpoint `step` was saved with ({} for one saved without)."""

@@ -3,6 +3,7 @@ checking before a long run that the paths it will write can be written."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -85,4 +86,33 @@ def write_problem(path: str, *, directory: bool = False) -> str | None:
     os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
   except OSError as e:
     return f'is not writable ({e.strerror or e})'
+  return None
+
+
+# Errors that say where a run's files go cannot take them: the user's environment, not a bug.
+STORAGE_ERRNOS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',
+                  errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+                  errno.ENOENT: 'the directory vanished', errno.EIO: 'input/output error'}
+# How orbax's storage layer (tensorstore) reports the same, inside its own exception types.
+_STORAGE_WORDS = (('No space left', 'no space left on device'),
+                  ('RESOURCE_EXHAUSTED', 'no space left on device'),
+                  ('Disk quota exceeded', 'disk quota exceeded'),
+                  ('Read-only file system', 'read-only file system'),
+                  ('Permission denied', 'permission denied'),
+                  ('PERMISSION_DENIED', 'permission denied'))
+
+
+def storage_problem(error: BaseException) -> str | None:
+  """Why a failed write failed, in a few words, where the exception (or one it was raised from)
+  says the storage refused it: full, over quota, read-only, not permitted, gone; None otherwise."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+      return STORAGE_ERRNOS[error.errno]
+    text = str(error)
+    for words, problem in _STORAGE_WORDS:
+      if words in text:
+        return problem
+    error = error.__cause__ or error.__context__
   return None

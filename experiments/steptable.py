@@ -73,8 +73,15 @@ def append_row(path: str, row: dict) -> None:
       problem = _header_problem(path)
       if problem:
         raise TableError(f'step table {path} {problem}')
-    os.write(fd, text.encode())
-    os.fsync(fd)
+    size = os.fstat(fd).st_size
+    try:
+      os.write(fd, text.encode())
+      os.fsync(fd)
+    except OSError as e:   # e.g. a full disk: the table stays as it was, never with half a row
+      os.ftruncate(fd, size)
+      problem = outputs.storage_problem(e) or e.strerror or str(e)
+      raise TableError(f'step table {path} cannot be written ({problem}); it is unchanged') \
+          from None
   finally:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)

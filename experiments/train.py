@@ -526,8 +526,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def log(record):
     if metrics_file:
-      metrics_file.write(json.dumps(record) + '\n')
-      metrics_file.flush()
+      try:
+        metrics_file.write(json.dumps(record) + '\n')
+        metrics_file.flush()
+      except OSError as e:
+        problem = outputs.storage_problem(e)
+        if problem is None:
+          raise
+        raise UsageError(f'cannot write {metrics_file.name} ({problem})') from None
 
   total = schedule.total_steps
   data_start = time.perf_counter()

@@ -1,11 +1,12 @@
 """Nothing lost: a kill loses at most one checkpoint interval, a resumed run's row equals an
 unbroken run's wherever the kill hit, and a corrupt or partial checkpoint is named, set aside and
-skipped."""
+skipped; a full disk ends a run in one line with nothing half-written."""
 
 import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -239,3 +240,81 @@ def test_metadata_round_trips_and_older_checkpoints_have_none(tmp_path):
   assert np.isnan(restored.last_loss) and restored.loss_steps == 3
   assert LogState.from_dict({}) == LogState()
   checkpoints.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """Mounts a tmpfs of the given size and returns its path; skipped where one cannot be mounted
+  (not root, or no mount permission in this container)."""
+  mounted = []
+
+  def mount(size: str) -> str:
+    point = tmp_path / f'disk{len(mounted)}'
+    point.mkdir()
+    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},nr_inodes=4096', 'tmpfs', str(point)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+      pytest.skip(f'cannot mount a tmpfs here to fill a disk: {res.stderr.strip() or res.returncode}')
+    mounted.append(str(point))
+    return str(point)
+
+  yield mount
+  for point in mounted:
+    subprocess.run(['umount', '-l', point], check=False)
+
+
+def _fill(directory: str) -> None:
+  """Writes a file into `directory` until its file system is full."""
+  fd = os.open(os.path.join(directory, 'filler'), os.O_WRONLY | os.O_CREAT)
+  try:
+    while os.write(fd, b'\0' * 4096):
+      pass
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _one_line_exit_2(res, *words):
+  assert res.returncode == 2, res.stderr[-3000:]
+  lines = res.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), res.stderr[-3000:]
+  for word in words:
+    assert word in lines[0], lines[0]
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path, small_disk):
+  """The workdir's disk fills at the first checkpoint: one line naming the directory, exit 2, no
+  part of the checkpoint left, and the step table (elsewhere) unchanged."""
+  table = str(tmp_path / 'steps.csv')
+  steptable.append_row(table, {'step': 'earlier', 'seed': 0})
+  before = open(table).read()
+  workdir = os.path.join(small_disk('256k'), 'run')
+  res = run_train(workdir, 'convnext_t,smoke', table=table, check=False)
+  ckpt = os.path.join(workdir, 'checkpoints')
+  _one_line_exit_2(res, 'no space left on device', ckpt)
+  assert os.listdir(ckpt) == []
+  assert open(table).read() == before
+
+
+def test_full_disk_under_the_step_table(tmp_path, small_disk):
+  """The table's disk is full when the run ends: one line naming the table, exit 2, the table
+  byte for byte as it was (no half row)."""
+  disk = small_disk('1m')
+  table = os.path.join(disk, 'steps.csv')
+  steptable.append_row(table, {'step': 'earlier', 'seed': 0})
+  # A second row that ends the file at a page boundary: appending within a file's last page needs
+  # no new space, so a full disk would not stop it.
+  scratch = str(tmp_path / 'scratch.csv')
+  steptable.append_row(scratch, {'step': 'earlier', 'seed': 0})
+  one = os.path.getsize(scratch)
+  steptable.append_row(scratch, {'step': 'earlier', 'seed': 1})
+  row = os.path.getsize(scratch) - one
+  pad = -(os.path.getsize(table) + row) % 4096
+  steptable.append_row(table, {'step': 'earlier', 'seed': 1, 'versions': 'x' * pad})
+  assert os.path.getsize(table) % 4096 == 0
+  before = open(table).read()
+  _fill(disk)
+  res = run_train(str(tmp_path / 'run'), 'convnext_t,smoke', table=table, check=False)
+  _one_line_exit_2(res, 'no space left on device', table)
+  assert open(table).read() == before
