@@ -346,6 +346,23 @@ def _git_commit() -> str:
     return ''
 
 
+def _workdir_id(workdir: str) -> tuple[int, int]:
+  st = os.stat(workdir)
+  return st.st_dev, st.st_ino
+
+
+def _check_same_workdir(workdir: str, expected: tuple[int, int]) -> None:
+  """UsageError if `workdir` was deleted or replaced during the run (orbax would quietly make a
+  new one, and the logs written so far would be lost with the old)."""
+  try:
+    same = _workdir_id(workdir) == expected
+  except OSError:
+    same = False
+  if not same:
+    raise UsageError(f'workdir {workdir} vanished during the run (deleted or moved); '
+                     'run again to start over there')
+
+
 def _check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -468,6 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   augment = augment_config(config)
   net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
   _check_workdir(workdir)
+  workdir_id = _workdir_id(workdir)
   is_main = jax.process_index() == 0
 
   data_dir = config.data.dir or None
@@ -587,6 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save_now:
         t0 = time.perf_counter()
         carried = dataclasses.asdict(dataclasses.replace(logged, wall_s=wall_s()))
+        _check_same_workdir(workdir, workdir_id)
         checkpoints.save(done, state, {'log': carried})   # returns once committed
         window_excluded_s += time.perf_counter() - t0
         checkpoint_s += time.perf_counter() - t0

@@ -318,3 +318,21 @@ def test_full_disk_under_the_step_table(tmp_path, small_disk):
   res = run_train(str(tmp_path / 'run'), 'convnext_t,smoke', table=table, check=False)
   _one_line_exit_2(res, 'no space left on device', table)
   assert open(table).read() == before
+
+
+def test_a_workdir_deleted_during_the_run(tmp_path):
+  """One line naming the workdir, exit 2, no row: not a quiet restart in a new directory that
+  lost the logs."""
+  workdir = str(tmp_path / 'run')
+  table = str(tmp_path / 'steps.csv')
+  proc = run_train(workdir, 'convnext_t,smoke', '--config.epochs=6',
+                   '--config.checkpoint_every_steps=8', table=table, wait=False)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '8')):
+    assert proc.poll() is None and time.time() < deadline, 'the run ended before its first save'
+    time.sleep(0.05)
+  shutil.rmtree(workdir)
+  _, err = proc.communicate(timeout=300)
+  res = subprocess.CompletedProcess(proc.args, proc.returncode, '', err)
+  _one_line_exit_2(res, 'vanished', workdir)
+  assert not os.path.exists(table)
