@@ -27,8 +27,10 @@ def _maybe(module):
 
 
 def compute_dtype(cfg: NetConfig):
-  """The config's compute dtype as a jnp dtype (parameters stay float32)."""
-  return jnp.dtype(cfg.dtype)
+  """The modules' compute dtype: None for 'float32' (the promoted dtype of input and parameters,
+  as before mixed precision existed: float32, or float64 for float64 parameters), else the jnp
+  dtype (bfloat16). Parameters are created float32 either way."""
+  return None if cfg.dtype == 'float32' else jnp.dtype(cfg.dtype)
 
 
 class LadderBlock(nnx.Module):
@@ -172,4 +174,5 @@ class Head(nnx.Module):
     x = x.mean(axis=(1, 2))   # jnp's mean accumulates bfloat16 in float32
     if self.norm is not None:
       x = self.norm(x)
-    return self.fc(x).astype(jnp.float32)
+    logits = self.fc(x)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))

@@ -28,9 +28,10 @@ class Stage(nnx.Module):
 
 class Network(nnx.Module):
   """ResNet-50 with `NetConfig()`, ConvNeXt-T with `modernize.presets.convnext_tiny()`, and every
-  step of the ladder in between. Input NHWC; output float32 logits. With `cfg.dtype='bfloat16'`
-  the input is cast to bfloat16 and activations, convs and matmuls run in it; parameters, the
-  norms' statistics and the logits stay float32 (mixed precision).
+  step of the ladder in between. Input NHWC; output float32 logits (float64 with float64
+  parameters). With `cfg.dtype='bfloat16'` the input is cast to bfloat16 and activations, convs
+  and matmuls run in it; parameters, the norms' statistics and the logits stay float32 (mixed
+  precision).
 
   Train/eval mode: `model.train()` / `model.eval()` (BatchNorm statistics and DropPath).
   """
@@ -58,7 +59,9 @@ class Network(nnx.Module):
 
   def features(self, x, *, key: jax.Array | None = None) -> list[jax.Array]:
     """The output of each stage (for analysis of representations), in the compute dtype."""
-    x = self.stem(jnp.asarray(x, self.cfg.dtype))
+    if self.cfg.dtype != 'float32':   # mixed precision; float32 keeps the promotion rules
+      x = jnp.asarray(x, self.cfg.dtype)
+    x = self.stem(x)
     outputs = []
     for i, stage in enumerate(self.stages):
       x = stage(x, key=None if key is None else jax.random.fold_in(key, i))
