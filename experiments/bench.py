@@ -356,7 +356,12 @@ def worker_main(kind: str, torch_threads: int, malloc_tuning: bool) -> int:
   sys.stdout = sys.stderr
   if malloc_tuning:
     from experiments.malloc import keep_freed_memory
-    keep_freed_memory()
+    tune = True
+    if kind == 'jax':   # where JAX runs on the CPU only, as the trainer does
+      from modernize.backend import host_fast_paths
+      tune = host_fast_paths()
+    if tune:
+      keep_freed_memory()
   impl = {'jax': _JaxWorker, 'torch': lambda: _TorchWorker(torch_threads),
           'data': _DataWorker}[kind]()
   for line in sys.stdin:

@@ -83,7 +83,8 @@ def _same_sign(ours: float | None, paper: float | None) -> bool | None:
 
 
 def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
-  """{(ladder, data, scale, image_size): [one summary per step, in ladder order]}.
+  """{(ladder, data, scale, image_size): [one summary per step, in ladder order]}; rows of a
+  compute dtype other than float32 have it appended to their scale ('cpu-bfloat16').
 
   'top1' is the mean over seeds (NaN without any), 'se' its standard error; 'delta' the change from
   the previous adopted step in the table, 'delta_se' that change's standard error and 'within_noise'
@@ -93,7 +94,10 @@ def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
   """
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in rows:
-    key = (r.get('ladder') or 'resnet50', r['data'], r['scale'], r['image_size'])
+    # Runs of another compute dtype than float32 form their own group (scale 'cpu-bfloat16').
+    dtype = r.get('dtype') or 'float32'
+    scale = r['scale'] if dtype == 'float32' else f"{r['scale']}-{dtype}"
+    key = (r.get('ladder') or 'resnet50', r['data'], scale, r['image_size'])
     groups[key][r['step']].append(r)
   out = {}
   for key, by_step in groups.items():

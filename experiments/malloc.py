@@ -11,7 +11,9 @@ The process's resident memory then stays at its high-water mark, which a trainin
 anyway. Call it before the first JAX computation (threads that already own an arena keep it).
 Equivalent environment: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
 
-Only the standard library is imported here, so PyTorch processes can use it too.
+Only the standard library is imported here, so PyTorch processes can use it too. A CPU fast path:
+the trainer applies it only where `modernize.backend.host_fast_paths()` (JAX will run on the CPU,
+or `MODERNIZE_FAST_PATHS=cpu`).
 """
 
 from __future__ import annotations

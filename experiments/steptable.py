@@ -5,6 +5,11 @@ file opened in append mode, so rows from processes finishing at once are never i
 and a reader never sees half a row. A table that cannot be read or written as one (a directory, an
 unwritable path, other columns, a row of another length, a cell that should be a number) raises
 `TableError`, one line naming the file.
+
+Older layouts: a table written before a column was added (`LAYOUTS`) stays readable (its rows read
+with the column's default, `DEFAULTS`: a table without `dtype` holds float32 runs) and takes new
+rows in its own layout as long as they hold the default there; a row that does not (a bfloat16 run)
+needs a table of this version.
 """
 
 from __future__ import annotations
@@ -21,38 +26,51 @@ COLUMNS = (
     'ladder', 'step', 'step_index', 'seed', 'data', 'image_size', 'scale', 'epochs', 'steps',
     'batch_size', 'params', 'gmacs', 'top1', 'top5', 'test_loss', 'train_loss', 'train_img_per_s',
     'wall_s', 'device_kind', 'device_count', 'process_count', 'versions', 'git_commit',
-    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss')
+    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss', 'dtype')
+
+# Columns added after tables were written, with the value every row of an older table holds.
+DEFAULTS = {'dtype': 'float32'}
+# The layouts this version appends to: its own, then the older ones (columns of DEFAULTS missing).
+LAYOUTS = (COLUMNS, tuple(c for c in COLUMNS if c not in DEFAULTS))
 
 
 class TableError(UsageError, ValueError):
   """A step table that is not one, or cannot be written: the message names the file."""
 
 
-def _line(values: dict) -> str:
+def _line(values: dict, columns: tuple[str, ...] = COLUMNS) -> str:
   buffer = io.StringIO()
-  csv.writer(buffer, lineterminator='\n').writerow([values.get(c, '') for c in COLUMNS])
+  csv.writer(buffer, lineterminator='\n').writerow([values.get(c, '') for c in columns])
   return buffer.getvalue()
 
 
 HEADER = _line(dict(zip(COLUMNS, COLUMNS)))
 
 
-def _header_problem(path: str) -> str | None:
-  """Why rows of this version cannot go below the first line of the non-empty table at `path`."""
+def _layout(path: str, row: dict) -> tuple[tuple[str, ...] | None, str | None]:
+  """(the columns a row goes into below the first line of the non-empty table at `path`, None) or
+  (None, why it cannot go there)."""
   with open(path, newline='', encoding='utf-8', errors='replace') as f:
     first = f.readline()
-  if first == HEADER:
-    return None
-  return (f'has other columns than this version writes ({len(first.split(","))} instead of '
-          f'{len(COLUMNS)}): give a new table')
+  for columns in LAYOUTS:
+    if first != _line(dict(zip(columns, columns)), columns):
+      continue
+    missing = {c: str(row[c]) for c in COLUMNS if c not in columns and c in row
+               and str(row[c]) not in ('', DEFAULTS.get(c))}
+    if missing:
+      return None, (f'is of an older layout without column(s) {sorted(missing)}, which this run '
+                    f'sets ({missing}): give a new table')
+    return columns, None
+  return None, (f'has other columns than this version writes ({len(first.split(","))} instead '
+                f'of {len(COLUMNS)}): give a new table')
 
 
-def check_writable(path: str) -> None:
-  """TableError unless `append_row` could add a row to `path` (before a long run, so that its end
-  does not fail). Changes nothing."""
+def check_writable(path: str, row: dict | None = None) -> None:
+  """TableError unless `append_row` could add `row` (or a row holding the defaults) to `path`
+  (before a long run, so that its end does not fail). Changes nothing."""
   problem = outputs.write_problem(path)
   if not problem and os.path.isfile(path) and os.path.getsize(path):
-    problem = _header_problem(path)
+    problem = _layout(path, row or {})[1]
   if problem:
     raise TableError(f'step table {path} {problem}')
 
@@ -66,13 +84,13 @@ def append_row(path: str, row: dict) -> None:
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
-    text = _line(row)
     if os.fstat(fd).st_size == 0:
-      text = HEADER + text
+      text = HEADER + _line(row)
     else:
-      problem = _header_problem(path)
+      columns, problem = _layout(path, row)
       if problem:
         raise TableError(f'step table {path} {problem}')
+      text = _line(row, columns)
     size = os.fstat(fd).st_size
     try:
       os.write(fd, text.encode())
@@ -97,12 +115,17 @@ def _records(path: str, reader) -> list[dict]:
     if len(fields) != len(header):
       raise TableError(f'step table {path}, line {reader.line_num}: {len(fields)} fields where '
                        f'the header has {len(header)}')
-    rows.append(dict(zip(header, fields)))
+    row = dict(zip(header, fields))
+    for column, default in DEFAULTS.items():   # a table from before the column: its default
+      if column not in row:
+        row[column] = default
+    rows.append(row)
   return rows
 
 
 def read_rows(path: str) -> list[dict]:
-  """All rows of a step table (an empty list if there is none, or the file is empty); TableError
+  """All rows of a step table (an empty list if there is none, or the file is empty; a column of
+  `DEFAULTS` that a table of an older layout lacks reads as its default); TableError
   for a path that is not a CSV table (a directory, unreadable, not UTF-8 text, ragged rows)."""
   if not os.path.exists(path):
     return []

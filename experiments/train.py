@@ -37,6 +37,7 @@ from experiments import datasets, mixing, outputs, pipeline, steptable
 from experiments.checkpoint import Checkpoints
 from experiments.cli import UsageError
 from experiments.malloc import keep_freed_memory
+from modernize import backend
 from modernize.config import NetConfig, feature_size, min_image_size
 from modernize.flops import count_macs
 from modernize.network import Network, count_params
@@ -174,10 +175,13 @@ _NOT_HASHED_DATA = ('dir', 'threads')
 
 
 def config_hash(config) -> str:
-  """Identity of what a run computes (the step table's `config_hash`)."""
+  """Identity of what a run computes (the step table's `config_hash`). A float32 run (the default
+  compute dtype) hashes as it did before `model.dtype` existed."""
   values = config.to_dict()
   for key in _NOT_HASHED:
     values.pop(key, None)
+  if values.get('model', {}).get('dtype') == 'float32':
+    values['model'] = {k: v for k, v in values['model'].items() if k != 'dtype'}
   values['data'] = {k: v for k, v in values['data'].items() if k not in _NOT_HASHED_DATA}
   text = json.dumps(values, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -210,7 +214,7 @@ def _output_problems(config, workdir: str) -> list[str]:
       problems.append(f'{path} {problem}')
   if jax.process_index() == 0:   # the only writer of the step table
     try:
-      steptable.check_writable(config.step_table)
+      steptable.check_writable(config.step_table, {'dtype': config.model.get('dtype', 'float32')})
     except steptable.TableError as e:
       problems.append(str(e))
   return problems
@@ -291,7 +295,8 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes):
       # copy: fresh Variables in this trace, so BatchNorm may update its statistics here.
       model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
       model.train()
-      logits = model(images, key=drop_key)
+      # The network returns float32 logits in any compute dtype: softmax and the loss in float32.
+      logits = model(images, key=drop_key).astype(jnp.float32)
       loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, nnx.state(model, nnx.BatchStat)
 
@@ -314,7 +319,7 @@ def make_eval_step(graphdef, constants, use_ema: bool):
     params = state['ema'] if use_ema else state['params']
     model = nnx.merge(graphdef, params, state['batch_stats'], constants)
     model.eval()
-    logits = model(batch['image'])
+    logits = model(batch['image']).astype(jnp.float32)
     mask = batch['mask']
     labels = batch['label']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -670,7 +675,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
         'versions': _versions(), 'git_commit': _git_commit(), 'config_hash': config_hash(config),
-        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': os.path.abspath(workdir)})
+        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': os.path.abspath(workdir),
+        'dtype': cfg.dtype})
   return result
 
 
@@ -737,8 +743,10 @@ def main(argv=None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   # Before JAX starts its threads: reuse freed memory instead of page-faulting every step's
-  # buffers back in (experiments/malloc.py; MODERNIZE_MALLOC_TUNING=0 turns it off).
-  keep_freed_memory()
+  # buffers back in (experiments/malloc.py; MODERNIZE_MALLOC_TUNING=0 turns it off). A CPU fast
+  # path: not where JAX will run on a GPU/TPU (modernize.backend).
+  if backend.host_fast_paths():
+    keep_freed_memory()
   quiet_libraries()
   enable_compilation_cache()
   try:

@@ -26,6 +26,13 @@ def _maybe(module):
   return module if module is not None else nnx.data(None)
 
 
+def compute_dtype(cfg: NetConfig):
+  """The modules' compute dtype: None for 'float32' (the promoted dtype of input and parameters,
+  as before mixed precision existed: float32, or float64 for float64 parameters), else the jnp
+  dtype (bfloat16). Parameters are created float32 either way."""
+  return None if cfg.dtype == 'float32' else jnp.dtype(cfg.dtype)
+
+
 class LadderBlock(nnx.Module):
   """A residual block of the ladder; `in_dim -> out_dim` with `stride` in its spatial conv."""
 
@@ -49,6 +56,7 @@ class LadderBlock(nnx.Module):
       shapes = [(in_dim, in_dim, k, stride, in_dim), (in_dim, hidden, 1, 1, 1),
                 (hidden, out_dim, 1, 1, 1)]
 
+    dtype = compute_dtype(cfg)
     with_norm = (True, True, True) if cfg.norms == 'all' else (True, False, False)
     self.activation = cfg.activation
     self.act_after = (True, True, False) if cfg.activations == 'all' else (False, True, False)
@@ -59,20 +67,20 @@ class LadderBlock(nnx.Module):
       cin, cout, kk, s, g = shapes[i]
       conv = layers.conv(cin, cout, kk, stride=s, groups=g, init=cfg.init,
                          use_bias=not (with_norm[i] and cfg.norm == 'batch'),
-                         depthwise_impl=cfg.depthwise_impl, rngs=rngs)
-      return conv, _maybe(layers.norm(cfg.norm, cout) if with_norm[i] else None)
+                         depthwise_impl=cfg.depthwise_impl, dtype=dtype, rngs=rngs)
+      return conv, _maybe(layers.norm(cfg.norm, cout, dtype) if with_norm[i] else None)
 
     self.conv1, self.norm1 = make(0)
     self.conv2, self.norm2 = make(1)
     self.conv3, self.norm3 = make(2)
-    self.layer_scale = _maybe(layers.LayerScale(out_dim, cfg.layer_scale_init)
+    self.layer_scale = _maybe(layers.LayerScale(out_dim, cfg.layer_scale_init, dtype=dtype)
                               if cfg.layer_scale_init > 0 else None)
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
     if stride != 1 or in_dim != out_dim:
       # ResNet's projection shortcut: 1x1 conv carrying the stride, then a norm.
       self.shortcut_conv = layers.conv(in_dim, out_dim, 1, stride=stride, init=cfg.init,
-                                       use_bias=cfg.norm != 'batch', rngs=rngs)
-      self.shortcut_norm = layers.norm(cfg.norm, out_dim)
+                                       use_bias=cfg.norm != 'batch', dtype=dtype, rngs=rngs)
+      self.shortcut_norm = layers.norm(cfg.norm, out_dim, dtype)
     else:
       self.shortcut_conv = self.shortcut_norm = nnx.data(None)
 
@@ -120,14 +128,15 @@ class Stem(nnx.Module):
   def __init__(self, cfg: NetConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.stem
     batch_norm = cfg.norm == 'batch'
+    dtype = compute_dtype(cfg)
     if cfg.stem == 'resnet':
       self.conv = layers.conv(cfg.in_channels, cfg.width, 7, stride=2, init=cfg.init,
-                              use_bias=not batch_norm, rngs=rngs)
+                              use_bias=not batch_norm, dtype=dtype, rngs=rngs)
     else:
       # Non-overlapping patches, as ViT's patch embedding.
       self.conv = layers.conv(cfg.in_channels, cfg.width, 4, stride=4, padding=0, init=cfg.init,
-                              use_bias=not batch_norm, rngs=rngs)
-    self.norm = layers.norm(cfg.norm, cfg.width)
+                              use_bias=not batch_norm, dtype=dtype, rngs=rngs)
+    self.norm = layers.norm(cfg.norm, cfg.width, dtype)
     self.activation = cfg.activation
 
   def __call__(self, x):
@@ -143,23 +152,27 @@ class Downsample(nnx.Module):
   """ConvNeXt's separate downsampling layer: norm, then a 2x2 stride-2 conv."""
 
   def __init__(self, in_dim: int, out_dim: int, cfg: NetConfig, *, rngs: nnx.Rngs):
-    self.norm = layers.norm(cfg.norm, in_dim)
+    self.norm = layers.norm(cfg.norm, in_dim, compute_dtype(cfg))
     self.conv = layers.conv(in_dim, out_dim, 2, stride=2, padding=0, init=cfg.init,
-                            use_bias=True, rngs=rngs)
+                            use_bias=True, dtype=compute_dtype(cfg), rngs=rngs)
 
   def __call__(self, x):
     return self.conv(self.norm(x))
 
 
 class Head(nnx.Module):
-  """Global average pool, an optional norm (ConvNeXt), then the classifier."""
+  """Global average pool, an optional norm (ConvNeXt), then the classifier. The logits are float32
+  whatever the compute dtype (softmax and the loss run in float32)."""
 
   def __init__(self, dim: int, cfg: NetConfig, *, rngs: nnx.Rngs):
-    self.norm = _maybe(layers.norm(cfg.norm, dim) if cfg.downsampling == 'separate' else None)
-    self.fc = layers.linear(dim, cfg.num_classes, init=cfg.init, rngs=rngs)
+    dtype = compute_dtype(cfg)
+    self.norm = _maybe(layers.norm(cfg.norm, dim, dtype) if cfg.downsampling == 'separate'
+                       else None)
+    self.fc = layers.linear(dim, cfg.num_classes, init=cfg.init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    x = x.mean(axis=(1, 2))
+    x = x.mean(axis=(1, 2))   # jnp's mean accumulates bfloat16 in float32
     if self.norm is not None:
       x = self.norm(x)
-    return self.fc(x)
+    logits = self.fc(x)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))

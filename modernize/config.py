@@ -26,6 +26,7 @@ _CHOICES = {
     'downsampling': ('in_block', 'separate'),
     'init': ('kaiming', 'trunc_normal'),
     'depthwise_impl': ('auto', 'xla', 'shift', 'native'),
+    'dtype': ('float32', 'bfloat16'),
 }
 
 
@@ -61,6 +62,9 @@ class NetConfig:
     in_channels: image channels.
     depthwise_impl: implementation of the depthwise conv ('auto' picks a fast one per backend);
       changes speed, not results.
+    dtype: compute dtype, 'float32' or 'bfloat16' (mixed precision: parameters stay float32;
+      activations, convs and matmuls run in bfloat16; the norms' statistics, the logits, softmax
+      and the loss in float32).
   """
   depths: tuple[int, ...] = (3, 4, 6, 3)
   width: int = 64
@@ -82,6 +86,7 @@ class NetConfig:
   num_classes: int = 1000
   in_channels: int = 3
   depthwise_impl: str = 'auto'
+  dtype: str = 'float32'
 
   def __post_init__(self):
     object.__setattr__(self, 'depths', tuple(self.depths))

@@ -24,8 +24,9 @@ Implementations (`impl=`):
   'xla'   lax.conv_general_dilated: the reference, and what GPUs and TPUs use.
   'gemm'  every piece in the matmul form (tests; the whole network as matmuls).
   'cpu'   the per-shape plan of `plan()`: the faster form of each piece on XLA:CPU, measured.
-  'auto'  'cpu' on the CPU backend for float32, 'xla' otherwise; `$MODERNIZE_CONV_IMPL` overrides
-          it (read at trace time); an explicit `impl=` wins.
+  'auto'  'cpu' where `modernize.backend.fast_paths()` (JAX's CPU backend, unless
+          `$MODERNIZE_FAST_PATHS` says otherwise) for float32, 'xla' otherwise (GPU/TPU, bfloat16);
+          `$MODERNIZE_CONV_IMPL` overrides it (read at trace time); an explicit `impl=` wins.
 All of them are jnp/lax ops, so a batch-sharded input stays sharded under jit: the kernel gradient
 is a contraction over the batch, which the partitioner turns into per-device sums and one
 all-reduce, as it does for XLA's own conv.
@@ -40,6 +41,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from modernize import backend
 
 IMPLS = ('auto', 'xla', 'gemm', 'cpu')
 ENV_VAR = 'MODERNIZE_CONV_IMPL'
@@ -56,7 +59,7 @@ def resolve_impl(impl: str = 'auto', dtype=jnp.float32) -> str:
       raise ValueError(f'${ENV_VAR}={impl!r}; expected one of {IMPLS}')
   if impl != 'auto':
     return impl
-  if jax.default_backend() != 'cpu' or jnp.dtype(dtype) != jnp.float32:
+  if not backend.fast_paths() or jnp.dtype(dtype) != jnp.float32:
     return 'xla'
   return 'cpu'
 

@@ -22,13 +22,18 @@ stride ``s`` in {1, 2}:
                (and channels) are partitioned with ``custom_partitioning``, so each device
                runs the kernel on its own shard; ``jax.vmap`` is supported by folding the
                mapped axis into the batch (or channel) axis.
-* ``'auto'``   ``'native'`` on CPU (``'shift'`` with one warning if no C++ compiler works),
-               ``'xla'`` on GPU/TPU and for dtypes other than float32/bfloat16/float16.
+* ``'auto'``   ``'native'`` on CPU for float32 (``'shift'`` with one warning if no C++
+               compiler works), ``'xla'`` on GPU/TPU and for every other dtype: the native
+               kernel is float32-only, so bfloat16 (mixed precision) runs XLA's grouped conv
+               on CPU too (slow there, but mixed precision on a CPU is for tests: train in
+               float32 for speed).  "On CPU" is `modernize.backend.fast_paths()`: JAX's
+               default backend, unless ``$MODERNIZE_FAST_PATHS`` says otherwise.
 
 The default for ``impl='auto'`` can be overridden with the environment variable
 ``MODERNIZE_DEPTHWISE_IMPL`` (read at trace time); an explicit ``impl=`` argument wins.
-The fast paths compute in float32 (bfloat16/float16 inputs are cast up and the result cast
-back).
+The result has the inputs' dtype (bfloat16 in, bfloat16 out).  Given bfloat16/float16 inputs,
+``'shift'`` and ``'native'`` accumulate in float32 (the inputs are cast up inside the op and the
+result cast back), as GPU convolution libraries accumulate bfloat16 convs in float32.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ from flax import nnx
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from modernize import backend
 
 __all__ = [
     "IMPLS",
@@ -103,8 +110,9 @@ def resolve_impl(impl: str = "auto", dtype=jnp.float32) -> str:
     """The concrete implementation (``'xla'``, ``'shift'`` or ``'native'``) ``impl`` means.
 
     ``'auto'`` first looks at ``$MODERNIZE_DEPTHWISE_IMPL``; if that is unset or ``'auto'`` it
-    picks by the backend of the default device: ``'native'`` on CPU (``'shift'`` if the C++
-    kernel cannot be built), ``'xla'`` elsewhere or for non-float32/16 dtypes.
+    picks by `modernize.backend.fast_paths()` (the default device's backend): ``'native'`` on
+    CPU for float32 (``'shift'`` if the C++ kernel cannot be built), ``'xla'`` elsewhere and for
+    other dtypes (the native kernel is float32-only: bfloat16 falls back to XLA's op).
     """
     if impl == "auto":
         impl = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
@@ -114,7 +122,7 @@ def resolve_impl(impl: str = "auto", dtype=jnp.float32) -> str:
         raise ValueError(f"depthwise_conv2d: impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype) not in _FAST_DTYPES:
+    if not backend.fast_paths() or jnp.dtype(dtype) != jnp.float32:
         return "xla"
     return "native" if native_available(warn=True) else "shift"
 
@@ -593,14 +601,17 @@ def _default_kernel_init(key, shape, dtype=jnp.float32):
 class DepthwiseConv(nnx.Module):
     """Depthwise convolution layer: ``depthwise_conv2d(x, kernel) + bias``.
 
-    ``kernel`` is an ``nnx.Param`` of shape (k, k, 1, C), ``bias`` of shape (C,) (or None).
+    ``kernel`` is an ``nnx.Param`` of shape (k, k, 1, C), ``bias`` of shape (C,) (or None), both
+    of ``param_dtype``.  ``dtype`` is the compute dtype (the Flax idiom): input, kernel and bias are
+    cast to it and the result has it; None (the default) computes in the promoted dtype of the
+    input and the parameters.
     """
 
     def __init__(self, channels: int, kernel_size: int, *, stride: int = 1,
                  use_bias: bool = True,
                  kernel_init: Callable = _default_kernel_init,
                  bias_init: Callable = jax.nn.initializers.zeros,
-                 impl: str = "auto", param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if kernel_size % 2 != 1:
             raise ValueError(f"DepthwiseConv: kernel_size must be odd, got {kernel_size}")
         if stride not in (1, 2):
@@ -611,13 +622,19 @@ class DepthwiseConv(nnx.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.impl = impl
+        self.dtype = dtype
         self.kernel = nnx.Param(
             kernel_init(rngs.params(), (kernel_size, kernel_size, 1, channels), param_dtype))
         self.bias = (nnx.Param(bias_init(rngs.params(), (channels,), param_dtype))
                      if use_bias else None)
 
     def __call__(self, x):
-        y = depthwise_conv2d(x, self.kernel[...], stride=self.stride, impl=self.impl)
-        if self.bias is not None:
-            y = y + self.bias[...]
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        if self.dtype is not None:
+            x, kernel = jnp.asarray(x, self.dtype), kernel.astype(self.dtype)
+            bias = bias.astype(self.dtype) if bias is not None else None
+        y = depthwise_conv2d(x, kernel, stride=self.stride, impl=self.impl)
+        if bias is not None:
+            y = y + bias
         return y

@@ -2,6 +2,15 @@
 
 Everything is NHWC (channels last). Norms are written out rather than taken from flax so that their
 arithmetic matches PyTorch's (two-pass variance; BatchNorm's running variance is the unbiased one).
+
+Mixed precision follows the Flax idiom: a module's `dtype` is its compute dtype (None: the promoted
+dtype of its input and parameters, i.e. float32), parameters stay float32 (`param_dtype`), and the
+norms compute their statistics and normalisation in float32 whatever the compute dtype, returning
+it.
+
+Fast paths (hand-written VJPs of BatchNorm, LayerNorm and max-pool, the erf GELU) are taken where
+`modernize.backend.fast_paths()` says so (JAX's CPU backend by default); elsewhere the plain
+formulas run under JAX's autodiff, `lax.reduce_window` and `jax.nn.gelu(approximate=False)`.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from modernize import backend
 from modernize.conv import add_taps, conv_fn, out_size, window_taps
 from modernize.depthwise import DepthwiseConv
 
@@ -51,30 +61,33 @@ def conv_init(init: str) -> Initializer:
 
 def conv(in_dim: int, out_dim: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
          use_bias: bool, init: str, padding: int | None = None, depthwise_impl: str = 'auto',
-         rngs: nnx.Rngs) -> nnx.Module:
+         dtype=None, rngs: nnx.Rngs) -> nnx.Module:
   """A 2-D conv with PyTorch's symmetric padding (k // 2 unless given).
 
   flax's default 'SAME' padding is asymmetric for stride 2 on even inputs and would shift ResNet's
   7x7/2 stem and 3x3/2 convs by a pixel against PyTorch. Depthwise convs (groups = channels) go to
   `DepthwiseConv`, which is fast on CPU too; the others run through `modernize.conv` (XLA's conv
   on GPU/TPU, a per-shape mix of XLA's conv and matmuls on CPU; `$MODERNIZE_CONV_IMPL` overrides).
+  `dtype`: the compute dtype (None: float32, promoted from the parameters); parameters float32.
   """
   pad = kernel_size // 2 if padding is None else padding
   if groups == in_dim == out_dim and groups > 1:
     return DepthwiseConv(out_dim, kernel_size, stride=stride, use_bias=use_bias,
-                         kernel_init=conv_init(init), impl=depthwise_impl, rngs=rngs)
+                         kernel_init=conv_init(init), impl=depthwise_impl, dtype=dtype,
+                         rngs=rngs)
   return nnx.Conv(in_dim, out_dim, (kernel_size, kernel_size), strides=(stride, stride),
                   padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
                   kernel_init=conv_init(init), bias_init=nnx.initializers.zeros,
-                  conv_general_dilated=conv_fn('auto'), rngs=rngs)
+                  conv_general_dilated=conv_fn('auto'), dtype=dtype, rngs=rngs)
 
 
-def linear(in_dim: int, out_dim: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(in_dim: int, out_dim: int, *, init: str, dtype=None, rngs: nnx.Rngs) -> nnx.Linear:
   if init == 'kaiming':
     kernel_init = bias_init = torch_linear_uniform(in_dim)
   else:
     kernel_init, bias_init = trunc_normal_002, nnx.initializers.zeros
-  return nnx.Linear(in_dim, out_dim, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+  return nnx.Linear(in_dim, out_dim, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                    rngs=rngs)
 
 
 # --- normalisation --------------------------------------------------------------------------------
@@ -89,10 +102,18 @@ def _bn_stats(x, axes):
   return mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, eps):
   """(scale * (x - mean) / sqrt(var + eps) + bias, mean, var) with batch statistics over all axes
-  but the last (two-pass variance, as PyTorch)."""
+  but the last (two-pass variance, as PyTorch). The hand-written VJP where
+  `backend.fast_paths()`, else JAX's autodiff of the same formulas."""
+  if backend.fast_paths():
+    return _batch_norm_train_fast(x, scale, bias, eps)
+  mean, var = _bn_stats(x, tuple(range(x.ndim - 1)))
+  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train_fast(x, scale, bias, eps):
   return _batch_norm_fwd(x, scale, bias, eps)[0]
 
 
@@ -117,12 +138,21 @@ def _batch_norm_bwd(eps, res, cts):
   return dx, dscale, dbias
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm_train_fast.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def layer_norm(x, scale, bias, eps):
+  """scale * (x - mean) / sqrt(var + eps) + bias over the last axis (two-pass variance). The
+  hand-written VJP where `backend.fast_paths()`, else JAX's autodiff of the same formula."""
+  if backend.fast_paths():
+    return _layer_norm_fast(x, scale, bias, eps)
+  mean = x.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
+  return (x - mean) * rstd * scale + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, eps):
-  """scale * (x - mean) / sqrt(var + eps) + bias over the last axis (two-pass variance)."""
+def _layer_norm_fast(x, scale, bias, eps):
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
@@ -142,20 +172,31 @@ def _layer_norm_bwd(eps, res, gy):
   return dx, (gy * xhat).sum(axes), gy.sum(axes)
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm_fast.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _float32(x):
+  """x in float32 (or wider): the norms' statistics never run in bfloat16."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _out_dtype(dtype, x, param):
+  return dtype if dtype is not None else jnp.result_type(x.dtype, param.dtype)
 
 
 class LayerNorm(nnx.Module):
   """LayerNorm over the last (channel) axis, eps 1e-6 as ConvNeXt (both its channels_first and
   channels_last variants normalise over channels only)."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6):
+  def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None):
     self.eps = eps
+    self.dtype = dtype   # output (compute) dtype; statistics in float32 always
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
 
   def __call__(self, x):
-    return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+    out = _out_dtype(self.dtype, x, self.scale[...])
+    return layer_norm(_float32(x), self.scale[...], self.bias[...], self.eps).astype(out)
 
 
 class BatchNorm(nnx.Module):
@@ -163,11 +204,13 @@ class BatchNorm(nnx.Module):
   running variance tracks the unbiased batch variance).
 
   Under `jax.jit` with a batch-sharded input, the batch mean is a global reduction, so this is
-  synchronised BatchNorm across devices and hosts without any axis name.
+  synchronised BatchNorm across devices and hosts without any axis name. `dtype`: the output
+  (compute) dtype; statistics, running averages and the normalisation are float32.
   """
 
   def __init__(self, dim: int, *, momentum: float = 0.1, eps: float = 1e-5,
-               use_running_average: bool = False):
+               use_running_average: bool = False, dtype=None):
+    self.dtype = dtype
     self.momentum = momentum
     self.eps = eps
     self.use_running_average = use_running_average
@@ -177,32 +220,43 @@ class BatchNorm(nnx.Module):
     self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
 
   def __call__(self, x):
+    out = _out_dtype(self.dtype, x, self.scale[...])
+    x = _float32(x)
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
-      return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+      y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+      return y.astype(out)
     y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
     n = math.prod(x.shape[:-1])
     unbiased = var * (n / max(n - 1, 1))
     m = self.momentum
     self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
     self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-    return y
+    return y.astype(out)
 
 
-def norm(kind: str, dim: int) -> LayerNorm | BatchNorm:
-  return BatchNorm(dim) if kind == 'batch' else LayerNorm(dim)
+def norm(kind: str, dim: int, dtype=None) -> LayerNorm | BatchNorm:
+  return BatchNorm(dim, dtype=dtype) if kind == 'batch' else LayerNorm(dim, dtype=dtype)
 
 
 # --- pooling ---------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, k: int = 3, s: int = 2, p: int = 1):
   """PyTorch's MaxPool2d(k, s, padding=p) on NHWC (pads with -inf).
 
-  Its VJP routes each output's gradient to the first maximum of its window in row-major order,
-  as XLA's select_and_scatter (and PyTorch) do, but as k*k shifted compares and padded adds that
-  XLA:CPU fuses, instead of the scatter it emits for the autodiff of `lax.reduce_window`.
+  Where `backend.fast_paths()` its VJP routes each output's gradient to the first maximum of its
+  window in row-major order, as XLA's select_and_scatter (and PyTorch) do, but as k*k shifted
+  compares and padded adds that XLA:CPU fuses, instead of the scatter it emits for the autodiff of
+  `lax.reduce_window` (which runs elsewhere).
   """
+  if backend.fast_paths():
+    return _max_pool_fast(x, k, s, p)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1),
+                               (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_fast(x, k: int = 3, s: int = 2, p: int = 1):
   return _max_pool_fwd(x, k, s, p)[0]
 
 
@@ -230,7 +284,7 @@ def _max_pool_bwd(k, s, p, res, g):
   return (dxp[:, p:p + h, p:p + w],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_fast.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 # --- residual-branch helpers ----------------------------------------------------------------------
@@ -248,18 +302,24 @@ def gelu(x):
   """Exact (erf) GELU as PyTorch's nn.GELU() computes it, x/2 * (1 + erf(x/sqrt(2))) (jax's
   default is the tanh approximation). `jax.nn.gelu(approximate=False)` uses erfc instead, which
   XLA:CPU evaluates 2x slower; the two differ by float32 rounding (~1e-6 absolute, as PyTorch's
-  own float32 GELU does against float64)."""
+  own float32 GELU does against float64). jax's form where not `backend.fast_paths()`."""
+  if not backend.fast_paths():
+    return jax.nn.gelu(x, approximate=False)
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
 
 class LayerScale(nnx.Module):
   """Learnable per-channel gain on a residual branch (CaiT; ConvNeXt's `gamma`), init e.g. 1e-6."""
 
-  def __init__(self, dim: int, init_value: float):
+  def __init__(self, dim: int, init_value: float, *, dtype=None):
+    self.dtype = dtype   # compute dtype (None: promoted from input and the float32 gain)
     self.scale = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
 
   def __call__(self, x):
-    return x * self.scale[...]
+    scale = self.scale[...]
+    if self.dtype is not None:
+      x, scale = x.astype(self.dtype), scale.astype(self.dtype)
+    return x * scale
 
 
 class DropPath(nnx.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,7 +28,10 @@ class Stage(nnx.Module):
 
 class Network(nnx.Module):
   """ResNet-50 with `NetConfig()`, ConvNeXt-T with `modernize.presets.convnext_tiny()`, and every
-  step of the ladder in between. Input NHWC float32; output logits.
+  step of the ladder in between. Input NHWC; output float32 logits (float64 with float64
+  parameters). With `cfg.dtype='bfloat16'` the input is cast to bfloat16 and activations, convs
+  and matmuls run in it; parameters, the norms' statistics and the logits stay float32 (mixed
+  precision).
 
   Train/eval mode: `model.train()` / `model.eval()` (BatchNorm statistics and DropPath).
   """
@@ -54,7 +58,9 @@ class Network(nnx.Module):
     self.head = Head(in_dim, cfg, rngs=rngs)
 
   def features(self, x, *, key: jax.Array | None = None) -> list[jax.Array]:
-    """The output of each stage (for analysis of representations)."""
+    """The output of each stage (for analysis of representations), in the compute dtype."""
+    if self.cfg.dtype != 'float32':   # mixed precision; float32 keeps the promotion rules
+      x = jnp.asarray(x, self.cfg.dtype)
     x = self.stem(x)
     outputs = []
     for i, stage in enumerate(self.stages):

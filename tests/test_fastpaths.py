@@ -5,7 +5,9 @@ Fast paths covered: `modernize.conv` (dense convs as matmuls / per-shape plans, 
 the autodiff of the plain two-pass formulas), the max-pool VJP (against `lax.reduce_window`'s
 select-and-scatter), the erf GELU (against jax's erfc form), a batch-sharded train step (against one
 device), and the data pipeline's batched RandAugment warps, presized splits and window crops (against
-the per-op / fancy-indexing code they replace, bit for bit).
+the per-op / fancy-indexing code they replace, bit for bit). And which path runs where: the fast
+paths on the CPU backend only, XLA's standard ops when the accelerators' choice is forced
+(`modernize.backend`), with equal results.
 
 Tolerances (float32): a result that sums n products in a different order differs by rounding, about
 sqrt(n) * 6e-8 of its scale. Conv outputs sum <= 7*7*8 = 392 products, input gradients as many, and
@@ -32,7 +34,9 @@ from flax import nnx
 from jax import lax
 
 from experiments import augment as A
+from modernize import backend
 from modernize import conv as C
+from modernize import depthwise as dw_impl
 from modernize import layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,3 +355,95 @@ def test_keep_freed_memory_in_a_fresh_process():
   r = subprocess.run([sys.executable, '-c', code], env={**env, 'MODERNIZE_MALLOC_TUNING': '0'},
                      cwd=ROOT, timeout=60)
   assert r.returncode == 3
+
+
+# --- which path runs where (modernize.backend) ----------------------------------------------------
+
+def _fast_path_ops(x, scale):
+  """Which implementation each fast-path op traces to, read from its jaxpr (fresh functions each
+  time: make_jaxpr, as jit, reuses the trace of a function it has seen)."""
+  def jaxpr(f, *args):
+    return str(jax.make_jaxpr(f)(*args))
+  bn = jaxpr(lambda x: layers.batch_norm_train(x, scale, scale, 1e-5)[0], x)
+  ln = jaxpr(lambda x: layers.layer_norm(x, scale, scale, 1e-6), x)
+  pool = jaxpr(lambda x: layers.max_pool(x, 3, 2, 1), x)
+  gelu = jaxpr(lambda x: layers.gelu(x), x)
+  return {'batch_norm': 'custom_vjp' in bn, 'layer_norm': 'custom_vjp' in ln,
+          'max_pool': 'custom_vjp' in pool and 'reduce_window' not in pool,
+          'gelu': ' erf ' in gelu and 'erfc' not in gelu,
+          'conv': C.resolve_impl('auto') == 'cpu',
+          'depthwise': dw_impl.resolve_impl('auto') in ('native', 'shift')}
+
+
+def test_fast_paths_are_taken_on_cpu_only(monkeypatch):
+  """On the CPU backend every fast path is taken; forcing the accelerators' choice ('xla', by
+  module switch or `$MODERNIZE_FAST_PATHS`) traces XLA's standard ops instead."""
+  monkeypatch.delenv(backend.ENV_VAR, raising=False)
+  monkeypatch.delenv(C.ENV_VAR, raising=False)
+  monkeypatch.delenv(dw_impl.ENV_VAR, raising=False)
+  x, scale = jnp.ones((2, 8, 8, 4)), jnp.ones((4,))
+  on_cpu = jax.default_backend() == 'cpu'
+  assert backend.fast_paths() == on_cpu
+  assert set(_fast_path_ops(x, scale).values()) == {on_cpu}
+  with backend.forced('xla'):
+    assert not backend.fast_paths()
+    assert set(_fast_path_ops(x, scale).values()) == {False}
+    assert 'reduce_window_max' in str(jax.make_jaxpr(jax.grad(
+        lambda x: layers.max_pool(x, 3, 2, 1).sum()))(x))
+    assert 'erfc' in str(jax.make_jaxpr(lambda x: layers.gelu(x))(x))
+  with backend.forced('cpu'):   # the fast paths wherever JAX runs (e.g. to time them on a GPU)
+    assert backend.fast_paths()
+  monkeypatch.setenv(backend.ENV_VAR, 'xla')
+  assert not backend.fast_paths() and C.resolve_impl('auto') == 'xla'
+  assert dw_impl.resolve_impl('auto') == 'xla'
+  assert C.resolve_impl('gemm') == 'gemm'    # an explicit impl still wins
+  monkeypatch.setenv(C.ENV_VAR, 'cpu')       # and so does the per-op variable
+  assert C.resolve_impl('auto') == 'cpu'
+  monkeypatch.setenv(backend.ENV_VAR, 'gpu')
+  with pytest.raises(ValueError, match=backend.ENV_VAR):
+    backend.fast_paths()
+  with pytest.raises(ValueError):
+    backend.set_fast_paths('fast')
+
+
+def test_expected_platform_before_jax_starts(monkeypatch):
+  """The trainer's malloc tuning is decided before JAX starts: by $JAX_PLATFORMS when set."""
+  monkeypatch.delenv(backend.ENV_VAR, raising=False)
+  for platforms, expected in (('cpu', 'cpu'), ('cuda', 'gpu'), ('cuda,cpu', 'gpu'),
+                              ('tpu', 'tpu'), ('rocm', 'gpu')):
+    monkeypatch.setenv('JAX_PLATFORMS', platforms)
+    assert backend.expected_platform() == expected
+    assert backend.host_fast_paths() == (expected == 'cpu')
+  monkeypatch.setenv(backend.ENV_VAR, 'cpu')
+  assert backend.host_fast_paths()
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv(backend.ENV_VAR, 'xla')
+  assert not backend.host_fast_paths()
+
+
+@pytest.mark.parametrize('step', ['resnet50', 'convnext_t'])
+def test_standard_ops_equal_the_fast_paths_in_a_network(step):
+  """A train-mode forward and backward of a whole (small) network traced with the accelerators'
+  choice (XLA's ops) equals the CPU fast paths: the maths is the same, the float32 rounding
+  differs (sums in another order), so within 1e-4 of each tensor's largest value."""
+  import modernize
+  cfg = modernize.LADDER.net_config(step, num_classes=10, width=8, depths=(1, 1, 1, 1),
+                                    in_channels=3, drop_path_rate=0.0)
+  graphdef, params, rest = nnx.split(modernize.create_model(cfg, seed=0), nnx.Param, ...)
+  x = _rand(np.random.default_rng(6), 4, 32, 32, 3)
+
+  def run():
+    @jax.jit
+    def f(params, rest):
+      def loss_fn(params):
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        m.train()
+        return jnp.sum(jnp.sin(m(x)))
+      return jax.value_and_grad(loss_fn)(params)
+    return f(params, rest)
+
+  fast = run()
+  with backend.forced('xla'):
+    standard = run()
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(standard)):
+    _close(a, b, 1e-4, step)
