@@ -117,36 +117,6 @@ def test_bf16_training_step_lowers_the_loss_and_keeps_float32_state(step):
     assert all(v.dtype == jnp.float32 for v in floats), part
 
 
-def _scaled(cfg: NetConfig) -> NetConfig:
-  return cfg.replace(depths=tuple(1 for _ in cfg.depths), width=max(cfg.width // 8, 4),
-                     num_classes=7, drop_path_rate=0.1, dtype='bfloat16')
-
-
-@pytest.mark.parametrize('step', LADDER.names())
-def test_every_ladder_step_forward_backward_in_bf16(step):
-  model = create_model(_scaled(LADDER.net_config(step)), seed=0)
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  y = jnp.array([1, 3])
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  @jax.jit
-  def run(params, rest):
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, rest, copy=True)
-      m.train()
-      logits = m(x, key=jax.random.key(1))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    m = nnx.merge(graphdef, params, rest, copy=True)
-    return loss, logits, grads, m.features(x)[-1]
-
-  loss, logits, grads, features = run(params, rest)
-  assert np.isfinite(float(loss)) and logits.dtype == jnp.float32
-  assert features.dtype == jnp.bfloat16
-  leaves = jax.tree.leaves(grads)
-  assert leaves and all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in leaves)
-
-
 @pytest.mark.parametrize('impl', ['xla', 'shift', 'native', 'auto'])
 def test_depthwise_keeps_the_compute_dtype(impl):
   """DepthwiseConv(dtype=bf16) returns bf16 and float32 parameter gradients in every
