@@ -368,15 +368,12 @@ def _check_same_workdir(workdir: str, expected: tuple[int, int]) -> None:
                      'run again to start over there')
 
 
-def _check_workdir(workdir: str) -> None:
+def _make_workdir(workdir: str) -> None:
+  """Creates `workdir` (`validate` has already found that it can be written)."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
   except OSError as e:
-    raise UsageError(f'workdir {workdir!r} is not writable: {e.strerror}') from None
+    raise UsageError(f'workdir {workdir!r} cannot be created: {e.strerror}') from None
 
 
 def _global_batch(local: dict, sharding) -> dict:
@@ -489,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config, workdir)
   augment = augment_config(config)
   net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
-  _check_workdir(workdir)
+  _make_workdir(workdir)
   workdir_id = _workdir_id(workdir)
   is_main = jax.process_index() == 0
 
