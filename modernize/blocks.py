@@ -174,5 +174,4 @@ class Head(nnx.Module):
     x = x.mean(axis=(1, 2))   # jnp's mean accumulates bfloat16 in float32
     if self.norm is not None:
       x = self.norm(x)
-    logits = self.fc(x)
-    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return layers.at_least_float32(self.fc(x))

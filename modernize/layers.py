@@ -108,8 +108,7 @@ def batch_norm_train(x, scale, bias, eps):
   `backend.fast_paths()`, else JAX's autodiff of the same formulas."""
   if backend.fast_paths():
     return _batch_norm_train_fast(x, scale, bias, eps)
-  mean, var = _bn_stats(x, tuple(range(x.ndim - 1)))
-  return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
+  return _batch_norm_fwd(x, scale, bias, eps)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -146,9 +145,7 @@ def layer_norm(x, scale, bias, eps):
   hand-written VJP where `backend.fast_paths()`, else JAX's autodiff of the same formula."""
   if backend.fast_paths():
     return _layer_norm_fast(x, scale, bias, eps)
-  mean = x.mean(-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
-  return (x - mean) * rstd * scale + bias
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -175,8 +172,9 @@ def _layer_norm_bwd(eps, res, gy):
 _layer_norm_fast.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def _float32(x):
-  """x in float32 (or wider): the norms' statistics never run in bfloat16."""
+def at_least_float32(x):
+  """x in float32 (or wider: float64 stays): the norms' statistics and the logits never run in
+  bfloat16."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
@@ -196,7 +194,7 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x):
     out = _out_dtype(self.dtype, x, self.scale[...])
-    return layer_norm(_float32(x), self.scale[...], self.bias[...], self.eps).astype(out)
+    return layer_norm(at_least_float32(x), self.scale[...], self.bias[...], self.eps).astype(out)
 
 
 class BatchNorm(nnx.Module):
@@ -221,7 +219,7 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x):
     out = _out_dtype(self.dtype, x, self.scale[...])
-    x = _float32(x)
+    x = at_least_float32(x)
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
       y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
