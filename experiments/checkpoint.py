@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -51,6 +52,17 @@ def _quiet():
     gc.collect()   # the failed reads' futures and coroutines report their errors when collected
     logging.disable(previous)
     sys.unraisablehook = hook
+
+
+def _silence_the_rest() -> None:
+  """For a run that ends on a checkpoint error: orbax's and tensorstore's failed background work
+  reports the same error again when it is collected or its threads wind down at exit (through
+  logging, the unraisable hook, a bare traceback printed via sys.excepthook, or a warning about a
+  coroutine never awaited), in up to hundreds of lines; the one-line error has said it."""
+  logging.disable(logging.CRITICAL)
+  warnings.simplefilter('ignore')
+  sys.unraisablehook = lambda _: None
+  sys.excepthook = lambda *_: None
 
 
 def _reason(e: BaseException) -> str:
@@ -97,10 +109,7 @@ class Checkpoints:
       if problem is None:
         raise   # not the storage: a bug, with its traceback
       self._remove_partial(step, keep_whole=existed)
-      # The run ends here; orbax's failed background writes would report the same error again
-      # when collected at exit, in hundreds of lines.
-      logging.disable(logging.CRITICAL)
-      sys.unraisablehook = lambda _: None
+      _silence_the_rest()
       raise CheckpointError(f'cannot write checkpoint {step} in {self.directory} ({problem}); '
                             'the checkpoints saved before it are kept') from None
 
@@ -145,6 +154,7 @@ class Checkpoints:
           failed.append((step, _reason(e)))
     if failed and found is None:
       step, reason = failed[0]
+      _silence_the_rest()
       raise CheckpointError(
           f'no checkpoint in {self.directory} reads back (the newest, step {step}: {reason}); '
           f'to start over from step 0, delete {self.directory}')
