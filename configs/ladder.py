@@ -13,6 +13,7 @@ The argument after ':' is a step name followed by comma-separated options:
                               original recipe, 300 for the enhanced one); the 90:300 ratio is kept
   batch=N                     global batch size
   image_size=N                input resolution
+  epochs=X                    train X epochs (both recipes; schedules keep their place in training)
   longer=F                    train F times as long (the plateau check: F=2)
   miniature                   the CPU miniature recipe (MINIATURE below): short runs calibrated on a
                               validation split; the default of `make ladder`
@@ -111,7 +112,7 @@ def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
     key, _, value = part.partition('=')
     options[key] = value if _ else 'true'
   known = {'ladder', 'data', 'seed', 'scale', 'length', 'batch', 'image_size', 'smoke',
-           'miniature', 'longer', 'layer_scale_init'}
+           'miniature', 'longer', 'layer_scale_init', 'epochs'}
   unknown = sorted(set(options) - known)
   if unknown:
     raise ConfigError(f'unknown config option(s) {unknown}; options: {sorted(known)}')
@@ -138,7 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   smoke = options.get('smoke', 'false').lower() in ('1', 'true', 'yes')
   miniature = options.get('miniature', 'false').lower() in ('1', 'true', 'yes')
   if miniature and 'length' in options:
-    raise ConfigError('miniature sets the training length itself: drop length=')
+    raise ConfigError('miniature sets the training length itself: drop length= (or use epochs=)')
+  if 'length' in options and 'epochs' in options:
+    raise ConfigError('length= and epochs= both set the training length: give one')
   data = options.get('data', 'fashion_mnist')
   if data.startswith('folder:'):   # the step table records where the images were
     data = 'folder:' + os.path.abspath(os.path.expanduser(data[len('folder:'):]))
@@ -218,10 +221,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if miniature:
     c.length = recipe['epochs'] / RECIPES[recipe_name]['epochs']
     c.epochs = float(recipe['epochs'])
+  if 'epochs' in options:
+    c.epochs = _number(options, 'epochs', float, 0.0)
+    if c.epochs <= 0:
+      raise ConfigError(f'epochs={options["epochs"]}: must be positive')
+    c.length = c.epochs / RECIPES[recipe_name]['epochs']
   c.batch_size = _number(options, 'batch', int, 4096 if large else 128)
   if smoke:
     c.batch_size = _number(options, 'batch', int, 32)
-    c.epochs = 0.5 if recipe_name == 'original' else 0.5 * 300 / 90
+    if 'epochs' not in options:
+      c.epochs = 0.5 if recipe_name == 'original' else 0.5 * 300 / 90
     c.data.image_size = _number(options, 'image_size', int, 32)
   longer = _number(options, 'longer', float, 1.0)
   if longer <= 0:

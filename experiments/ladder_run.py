@@ -152,6 +152,9 @@ def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] |
   """Trains `steps` (default: the ladder's first step, the first of the enhanced recipe and the last)
   as configured (OUT/1x) and `factor` times as long (OUT/2x); returns and writes OUT/plateau.json:
   per step the mean (and std) test and validation top-1 at both lengths and their difference."""
+  if any(o.partition('=')[0].strip() in ('epochs', 'length') for o in overrides):
+    raise UsageError('--plateau-check doubles the training length through the config: give it '
+                     'as the option epochs=X in --options, not as --set epochs=X')
   steps = list(steps or PLATEAU_STEPS)
   lengths = {'1x': options, f'{factor:g}x': ','.join(o for o in (options, f'longer={factor:g}') if o)}
   for name, opts in lengths.items():

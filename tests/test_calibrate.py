@@ -100,3 +100,13 @@ def test_plateau_check(tmp_path, capsys):
         statistics.fmean(float(r['val_top1']) for r in rows))
   assert entry['top1_change'] == pytest.approx(entry['top1_2x'] - entry['top1_1x'])
   assert 'resnet50' in capsys.readouterr().out
+
+
+def test_plateau_check_refuses_a_length_it_could_not_double(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    ladder.main(['run', '--plateau-check', '--out', str(tmp_path), '--steps', 'resnet50',
+                 '--options', 'smoke', '--set', 'epochs=3'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'epochs=X' in err and err.count('\n') == 1
+  assert not (tmp_path / '1x').exists()

@@ -68,7 +68,15 @@ def test_length_options():
   longer = ladder_config.get_config(f'convnext_t,{OPTIONS},miniature,longer=2')
   assert longer.epochs == 2 * base.epochs and longer.length == pytest.approx(2 * base.length)
   assert ladder_config.get_config('resnet50,smoke,longer=2').epochs == 1.0
-  for bad in ('convnext_t,miniature,length=0.1', 'convnext_t,longer=0', 'convnext_t,longer=x'):
+  # epochs=X: both recipes train X epochs, the paper's length fraction follows, longer= doubles it.
+  for step, paper_epochs in (('resnet50', 90), ('convnext_t', 300)):
+    six = ladder_config.get_config(f'{step},{OPTIONS},miniature,epochs=6')
+    twelve = ladder_config.get_config(f'{step},{OPTIONS},miniature,epochs=6,longer=2')
+    assert (six.epochs, twelve.epochs) == (6, 12)
+    assert six.length == pytest.approx(6 / paper_epochs)
+  assert ladder_config.get_config('resnet50,smoke,epochs=3').epochs == 3
+  for bad in ('convnext_t,miniature,length=0.1', 'convnext_t,longer=0', 'convnext_t,longer=x',
+              'convnext_t,epochs=0', 'convnext_t,epochs=x', 'convnext_t,epochs=2,length=0.1'):
     with pytest.raises(ConfigError):
       ladder_config.get_config(bad)
 
