@@ -78,7 +78,7 @@ def _score(rows: list[dict], steps: list[str]) -> tuple[float, dict[str, float]]
 
 def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], validation: int,
               ladder_name: str = 'resnet50', seeds: int = 1, options: str = '',
-              overrides: list[str] = (), isolate: bool = False) -> dict:
+              overrides: list[str] = (), isolate: bool = False, jobs: int = 1) -> dict:
   """Trains every setting of `grid` on the recipe's calibration steps; returns (and writes to
   OUT/calibration.json) what was tried and what was chosen."""
   if validation <= 0:
@@ -101,7 +101,7 @@ def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], valid
                    options=setting_options.strip(','),
                    overrides=[*overrides, f'data.validation={validation}',
                               *[f'{k}={v}' for k, v in setting.items() if '.' in k]],
-                   isolate=isolate)
+                   isolate=isolate, jobs=jobs)
     rows = [r for r in steptable.read_rows(os.path.join(run_dir, 'steps.csv'))
             if r['step'] in steps and int(r['seed']) < seeds
             and str(r.get('validation')) == str(validation)]

@@ -1,7 +1,7 @@
 """The ladder from the command line.
 
   python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets] [--json]
-  python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side]
+  python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side] [--jobs N]
                                    [--options data=...,scale=...] [--set field=value ...]
                                    [--plateau-check]
   python -m experiments.ladder show --out DIR [--table PATH]
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--note', default='', help='with --show: a line under every title')
   run.add_argument('--isolate', action='store_true',
                    help='train each run in its own process (default: all in this one)')
+  run.add_argument('--jobs', type=int, default=1,
+                   help='runs trained at once, each in its own process pinned to its share of the '
+                        'cores (default 1)')
   run.add_argument('--plateau-check', action='store_true',
                    help='train --steps (default resnet50, enhanced_recipe, convnext_t) as '
                         'configured (OUT/1x) and twice as long (OUT/2x); print and write '
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   cal.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                    help='config override fixed for every trial (repeatable)')
   cal.add_argument('--isolate', action='store_true')
+  cal.add_argument('--jobs', type=int, default=1, help='runs trained at once (as for run)')
   view = sub.add_parser('show', help='render the step table as the ladder (table + chart)')
   view.add_argument('--out', required=True)
   view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     result = calibrate.calibrate(
         args.out, recipe=args.recipe, grid=calibrate.parse_grid(args.grid),
         validation=args.validation, ladder_name=args.ladder, seeds=args.seeds,
-        options=args.options, overrides=args.set, isolate=args.isolate)
+        options=args.options, overrides=args.set, isolate=args.isolate, jobs=args.jobs)
     print(calibrate.format_result(result))
     print(f'wrote {args.out}/calibration.json and {args.out}/trials.jsonl')
     return 0
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == 'run' and args.plateau_check:
       result = ladder_run.plateau_check(
           args.out, ladder_name=args.ladder, steps=[s for s in args.steps.split(',') if s] or None,
-          seeds=args.seeds, options=args.options, overrides=args.set, isolate=args.isolate)
+          seeds=args.seeds, options=args.options, overrides=args.set, isolate=args.isolate,
+          jobs=args.jobs)
       print(ladder_run.format_plateau(result))
       print(f'wrote {args.out}/plateau.json')
       return 0
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
       ladder_run.run(args.out, ladder_name=args.ladder,
                      steps=[s for s in args.steps.split(',') if s] or None, seeds=args.seeds,
                      side=args.side, options=args.options, overrides=args.set,
-                     isolate=args.isolate)
+                     isolate=args.isolate, jobs=args.jobs)
     if args.command == 'show' or args.show:
       for path in ladder_view.show(args.out, getattr(args, 'table', None), args.note):
         print(f'wrote {path}')

@@ -81,31 +81,84 @@ def _train_in_process(step, seed, workdir, table, ladder_name, options, override
     raise UsageError(f'training {step} seed {seed} failed: {e}') from None
 
 
-def _train_subprocess(step, seed, workdir, table, ladder_name, options, overrides, env):
-  os.makedirs(workdir, exist_ok=True)
-  cmd = [sys.executable, '-m', 'experiments.train',
-         f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
-         f'--workdir={workdir}', f'--config.step_table={table}']
-  cmd += [f'--config.{o}' for o in overrides]
-  with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    log.write(proc.stdout + proc.stderr)
-  if proc.returncode != 0:
-    last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or ['(no message)']
-    raise UsageError(f'training {step} seed {seed} failed (exit {proc.returncode}): {last[0]} '
-                     f'(log: {workdir}/train.log)')
-  try:   # the trainer's last stdout line is its result
-    return json.loads(proc.stdout.strip().splitlines()[-1]).get('times', {})
-  except (ValueError, IndexError):
-    return {}
+def _train_command(step, seed, workdir, table, ladder_name, options, overrides) -> list[str]:
+  return [sys.executable, '-m', 'experiments.train',
+          f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
+          f'--workdir={workdir}', f'--config.step_table={table}',
+          *[f'--config.{o}' for o in overrides]]
+
+
+class _Job:
+  """One training process, its output in workdir/train.log, optionally pinned to some cores."""
+
+  def __init__(self, pair, command, workdir, env, cores=None):
+    self.pair, self.workdir, self.start = pair, workdir, time.time()
+    os.makedirs(workdir, exist_ok=True)
+    self._out = open(os.path.join(workdir, 'train.out'), 'w+')
+    self._err = open(os.path.join(workdir, 'train.err'), 'w+')
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=self._err, text=True,
+                                 env={**os.environ, **(env or {})}, preexec_fn=pin)
+
+  def _collect(self) -> tuple[str, str]:
+    """The process's stdout and stderr, appended to train.log (the two files removed)."""
+    texts = []
+    for f in (self._out, self._err):
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+      os.remove(f.name)
+    with open(os.path.join(self.workdir, 'train.log'), 'a') as log:
+      log.write(texts[0] + texts[1])
+    return texts[0], texts[1]
+
+  def finish(self) -> dict:
+    """Waits; returns the trainer's phase times (UsageError naming the run if it failed)."""
+    self.proc.wait()
+    stdout, stderr = self._collect()
+    step, seed = self.pair
+    if self.proc.returncode != 0:
+      last = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ['(no message)']
+      raise UsageError(f'training {step} seed {seed} failed (exit {self.proc.returncode}): '
+                       f'{last[0]} (log: {self.workdir}/train.log)')
+    try:   # the trainer's last stdout line is its result
+      return json.loads(stdout.strip().splitlines()[-1]).get('times', {})
+    except (ValueError, IndexError):
+      return {}
+
+  def stop(self) -> None:
+    """SIGTERM: the trainer checkpoints and exits, so a rerun resumes it."""
+    if self.proc.poll() is None:
+      self.proc.terminate()
+    try:
+      self.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+    if not self._out.closed:
+      self._collect()
+
+
+def core_groups(jobs: int) -> list[set[int] | None]:
+  """This process's cores split into `jobs` disjoint groups (one job: no pinning)."""
+  if jobs == 1:
+    return [None]
+  cores = sorted(os.sched_getaffinity(0))
+  if jobs > len(cores):
+    raise UsageError(f'--jobs {jobs}: only {len(cores)} cores are available to this process')
+  return [set(cores[i::jobs]) for i in range(jobs)]
 
 
 def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
         seeds: int = 1, side: bool = False, options: str = '', overrides: list[str] = (),
-        isolate: bool = False, env: dict | None = None) -> int:
+        isolate: bool = False, env: dict | None = None, jobs: int = 1) -> int:
   """Trains what is missing; returns the number of runs trained now. Runs train in this process
-  (one import, one compilation cache), or each in its own process with `isolate`."""
+  (one import, one compilation cache), or each in its own process with `isolate`, or `jobs` at a
+  time, each in its own process pinned to its share of the cores (on a few cores, two small runs
+  side by side train more images per second than one run on both)."""
+  if jobs < 1:
+    raise UsageError(f'--jobs must be at least 1, got {jobs}')
+  groups = core_groups(jobs)
   pairs = plan(ladder_name, steps, seeds, side)
   os.makedirs(out, exist_ok=True)
   table = os.path.join(out, 'steps.csv')
@@ -115,30 +168,67 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   # Time left is estimated per epoch of training (the original recipe's runs are shorter).
   work = {p: configs[p].epochs for p in todo}
   print(f'ladder {ladder_name}: {len(pairs)} runs, {len(pairs) - len(todo)} already in {table}, '
-        f'{len(todo)} to train', flush=True)
-  durations, start = [], time.time()
+        f'{len(todo)} to train' + (f', {jobs} at a time' if jobs > 1 else ''), flush=True)
+  start, done_work = time.time(), 0.0
   times_file = os.path.join(out, 'run_times.jsonl')
-  for i, (step, seed) in enumerate(todo):
-    eta = ''
-    if durations:
-      per_epoch = sum(durations) / sum(work[p] for p in todo[:i])
-      eta = f', about {_format_duration(per_epoch * sum(work[p] for p in todo[i:]))} left'
-    print(f'[{i + 1}/{len(todo)}] {step} seed {seed} (elapsed '
-          f'{_format_duration(time.time() - start)}{eta})', flush=True)
-    workdir = os.path.join(out, 'runs', step, f'seed{seed}')
-    t0 = time.time()
-    if isolate:
-      phases = _train_subprocess(step, seed, workdir, table, ladder_name, options, overrides, env)
-    else:
-      phases = _train_in_process(step, seed, workdir, table, ladder_name, options, overrides)
-    durations.append(time.time() - t0)
+
+  def record(pair, seconds, phases):
     # Where the run's time went; 'outside_s' is what the trainer did not see (process start and
-    # imports with --isolate, the runner's own work).
-    record = {'step': step, 'seed': seed, 'seconds': round(durations[-1], 1), **phases}
+    # imports in a process of its own, the runner's own work).
+    entry = {'step': pair[0], 'seed': pair[1], 'seconds': round(seconds, 1), **phases}
     if phases.get('total_s') is not None:
-      record['outside_s'] = round(durations[-1] - phases['total_s'], 2)
+      entry['outside_s'] = round(seconds - phases['total_s'], 2)
     with open(times_file, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(json.dumps(entry) + '\n')
+
+  def announce(i, pair):
+    eta = ''
+    if done_work:
+      eta = (f', about {_format_duration((time.time() - start) / done_work * sum(work[p] for p in todo[i:]))}'
+             ' left')
+    print(f'[{i + 1}/{len(todo)}] {pair[0]} seed {pair[1]} (elapsed '
+          f'{_format_duration(time.time() - start)}{eta})', flush=True)
+
+  def workdir(pair):
+    return os.path.join(out, 'runs', pair[0], f'seed{pair[1]}')
+
+  if jobs == 1:
+    for i, pair in enumerate(todo):
+      announce(i, pair)
+      t0 = time.time()
+      if isolate:
+        job = _Job(pair, _train_command(*pair, workdir(pair), table, ladder_name, options,
+                                        overrides), workdir(pair), env)
+        try:
+          phases = job.finish()
+        except KeyboardInterrupt:
+          job.stop()
+          raise
+      else:
+        phases = _train_in_process(*pair, workdir(pair), table, ladder_name, options, overrides)
+      record(pair, time.time() - t0, phases)
+      done_work += work[pair]
+  else:
+    running, free, queue = [], list(groups), list(enumerate(todo))
+    try:
+      while queue or running:
+        while queue and free:
+          i, pair = queue.pop(0)
+          announce(i, pair)
+          cores = free.pop(0)
+          job = _Job(pair, _train_command(*pair, workdir(pair), table, ladder_name, options,
+                                          overrides), workdir(pair), env, cores)
+          running.append((job, cores))
+        time.sleep(0.2)
+        for job, cores in [r for r in running if r[0].proc.poll() is not None]:
+          running.remove((job, cores))
+          free.append(cores)
+          record(job.pair, time.time() - job.start, job.finish())
+          done_work += work[job.pair]
+    except BaseException:
+      for job, _ in running:       # a failure or an interrupt stops the others resumably
+        job.stop()
+      raise
   print(f'done: {len(todo)} runs in {_format_duration(time.time() - start)}', flush=True)
   return len(todo)
 
@@ -148,7 +238,7 @@ PLATEAU_STEPS = ('resnet50', 'enhanced_recipe', 'convnext_t')
 
 def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
                   seeds: int = 1, options: str = '', overrides: list[str] = (),
-                  isolate: bool = False, factor: float = 2.0) -> dict:
+                  isolate: bool = False, factor: float = 2.0, jobs: int = 1) -> dict:
   """Trains `steps` (default: the ladder's first step, the first of the enhanced recipe and the last)
   as configured (OUT/1x) and `factor` times as long (OUT/2x); returns and writes OUT/plateau.json:
   per step the mean (and std) test and validation top-1 at both lengths and their difference."""
@@ -160,7 +250,7 @@ def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] |
   for name, opts in lengths.items():
     print(f'plateau check: {name}', flush=True)
     run(os.path.join(out, name), ladder_name=ladder_name, steps=steps, seeds=seeds, options=opts,
-        overrides=overrides, isolate=isolate)
+        overrides=overrides, isolate=isolate, jobs=jobs)
   result = {'factor': factor, 'seeds': seeds, 'options': options, 'steps': {}}
   for step in steps:
     entry = {}

@@ -9,7 +9,8 @@ unwritable path, other columns, a row of another length, a cell that should be a
 Older layouts: a table written before a column was added (`LAYOUTS`) stays readable (its rows read
 with the column's default, `DEFAULTS`: a table without `dtype` holds float32 runs) and takes new
 rows in its own layout as long as they hold the default there; a row that does not (a bfloat16 run)
-needs a table of this version.
+needs a table of this version. A column whose default is None (`cpu_cores`) only records: an older
+table takes the row without it and reads it as ''.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ COLUMNS = (
     'ladder', 'step', 'step_index', 'seed', 'data', 'image_size', 'scale', 'epochs', 'steps',
     'batch_size', 'params', 'gmacs', 'top1', 'top5', 'test_loss', 'train_loss', 'train_img_per_s',
     'wall_s', 'device_kind', 'device_count', 'process_count', 'versions', 'git_commit',
-    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss', 'dtype')
+    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss', 'dtype', 'cpu_cores')
 
-# Columns added after tables were written, with the value every row of an older table holds.
-DEFAULTS = {'dtype': 'float32'}
-# The layouts this version appends to: its own, then the older ones (columns of DEFAULTS missing).
-LAYOUTS = (COLUMNS, tuple(c for c in COLUMNS if c not in DEFAULTS))
+# Columns added after tables were written (at the end, in this order), with the value every row of
+# an older table holds (None: unknown, recorded where the table has the column).
+# cpu_cores: the CPU cores the run's process could use, on CPU (XLA's threads: their number
+# changes float summation order, so a run's numbers depend on it).
+DEFAULTS = {'dtype': 'float32', 'cpu_cores': None}
+# The layouts this version appends to: its own, then the older ones (the last columns missing).
+LAYOUTS = tuple(COLUMNS[:len(COLUMNS) - k] for k in range(len(DEFAULTS) + 1))
 
 
 class TableError(UsageError, ValueError):
@@ -56,7 +60,7 @@ def _layout(path: str, row: dict) -> tuple[tuple[str, ...] | None, str | None]:
     if first != _line(dict(zip(columns, columns)), columns):
       continue
     missing = {c: str(row[c]) for c in COLUMNS if c not in columns and c in row
-               and str(row[c]) not in ('', DEFAULTS.get(c))}
+               and DEFAULTS.get(c, '') is not None and str(row[c]) not in ('', DEFAULTS.get(c))}
     if missing:
       return None, (f'is of an older layout without column(s) {sorted(missing)}, which this run '
                     f'sets ({missing}): give a new table')
@@ -118,7 +122,7 @@ def _records(path: str, reader) -> list[dict]:
     row = dict(zip(header, fields))
     for column, default in DEFAULTS.items():   # a table from before the column: its default
       if column not in row:
-        row[column] = default
+        row[column] = '' if default is None else default
     rows.append(row)
   return rows
 

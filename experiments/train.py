@@ -673,7 +673,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
         'versions': _versions(), 'git_commit': _git_commit(), 'config_hash': config_hash(config),
         'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': os.path.abspath(workdir),
-        'dtype': cfg.dtype})
+        'dtype': cfg.dtype,
+        'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else ''})
   return result
 
 

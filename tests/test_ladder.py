@@ -40,9 +40,10 @@ def test_full_ladder_on_smoke(tmp_path):
 
 
 def test_killed_ladder_resumes_without_retraining(tmp_path):
+  """Two runs at a time (--jobs 2), killed with the whole process group, then run again."""
   out = str(tmp_path / 'ladder')
   args = ('run', '--out', out, '--options', 'smoke', '--steps',
-          'resnet50,stage_ratio,patchify_stem', '--seeds', '2')
+          'resnet50,stage_ratio,patchify_stem', '--seeds', '2', '--jobs', '2')
   proc = subprocess.Popen(ladder_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   table = os.path.join(out, 'steps.csv')
@@ -54,15 +55,20 @@ def test_killed_ladder_resumes_without_retraining(tmp_path):
   proc.wait()
   done_before = {(r['step'], r['seed']) for r in steptable.read_rows(table)}
   assert 3 <= len(done_before) < 6
+  times = os.path.join(out, 'run_times.jsonl')
+  with open(times) as f:
+    timed_before = len(f.readlines())
   res = subprocess.run(ladder_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   assert f'{len(done_before)} already in' in res.stdout
   rows = steptable.read_rows(table)
   pairs = [(r['step'], r['seed']) for r in rows]
   assert len(pairs) == len(set(pairs)) == 6           # each (step, seed) exactly once
-  with open(os.path.join(out, 'run_times.jsonl')) as f:
-    trained_after = [json.loads(line) for line in f][len(done_before):]
-  assert {(t['step'], str(t['seed'])) for t in trained_after}.isdisjoint(done_before)
+  if len(os.sched_getaffinity(0)) >= 2:                # each run pinned to its share: one core
+    assert {r['cpu_cores'] for r in rows} == {'1'}
+  with open(times) as f:
+    trained_after = {(t['step'], str(t['seed'])) for t in map(json.loads, f.readlines()[timed_before:])}
+  assert trained_after.isdisjoint(done_before) and len(trained_after) == 6 - len(done_before)
 
 
 def _row(step, seed, top1, data='fashion_mnist', scale='cpu', size=32):
@@ -112,3 +118,19 @@ def test_bad_input(tmp_path):
     res = subprocess.run(ladder_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and message in res.stderr and 'Traceback' not in res.stderr, \
         res.stderr
+
+
+def test_a_failing_run_among_parallel_jobs_ends_the_ladder_in_one_line(tmp_path):
+  out = tmp_path / 'ladder'
+  res = subprocess.run(ladder_cmd('run', '--out', str(out), '--steps', 'resnet50,stage_ratio',
+                                  '--options', f'smoke,data=folder:{tmp_path / "missing"}',
+                                  '--jobs', '2'),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2
+  assert res.stderr.startswith('error: training ') and res.stderr.count('\n') == 1, res.stderr
+  assert not (out / 'steps.csv').exists()
+  for step in ('resnet50', 'stage_ratio'):    # each run's output kept in its log, nothing else
+    assert sorted(os.listdir(out / 'runs' / step / 'seed0')) == ['train.log']
+  res = subprocess.run(ladder_cmd('run', '--out', str(out), '--jobs', '0'), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2 and res.stderr.startswith('error: --jobs')

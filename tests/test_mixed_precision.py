@@ -193,6 +193,18 @@ def test_older_step_tables_stay_readable_and_take_float32_rows(tmp_path):
   assert len(steptable.read_rows(str(table))) == 2
 
 
+def test_a_table_without_cpu_cores_takes_rows_that_record_it(tmp_path):
+  """cpu_cores only records: a table of the layout before it takes new rows without it."""
+  columns = next(c for c in steptable.LAYOUTS if 'dtype' in c and 'cpu_cores' not in c)
+  table = tmp_path / 'steps.csv'
+  table.write_text(','.join(columns) + '\n')
+  steptable.append_row(str(table), {'step': 'resnet50', 'seed': 0, 'top1': 80.0,
+                                    'dtype': 'bfloat16', 'cpu_cores': 1})
+  [row] = steptable.read_rows(str(table))
+  assert (row['dtype'], row['cpu_cores']) == ('bfloat16', '')
+  assert table.read_text().splitlines()[0] == ','.join(columns)
+
+
 def test_trainer_cli_bf16_smoke_writes_a_bfloat16_row(tmp_path):
   """The command of the README: `--config.model.dtype=bfloat16` trains and records its dtype."""
   table = tmp_path / 'steps.csv'
