@@ -227,6 +227,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       raise ConfigError(f'epochs={options["epochs"]}: must be positive')
     c.length = c.epochs / RECIPES[recipe_name]['epochs']
   c.batch_size = _number(options, 'batch', int, 4096 if large else 128)
+  # Gradient accumulation: each global batch as this many microbatches, one after another (the
+  # paper's batch 4096 on fewer accelerators); one optimizer update per batch either way.
+  c.accumulate_steps = 1
   if smoke:
     c.batch_size = _number(options, 'batch', int, 32)
     if 'epochs' not in options:

@@ -6,7 +6,8 @@ The train step is a plain `jax.jit` over the `nnx.split` state with explicit sha
 'data' mesh of every device of every host: the batch is split, the state replicated and donated.
 BatchNorm statistics under that sharding are global (synchronised BN). Runs resume from the newest
 checkpoint in WORKDIR/checkpoints that reads back, with the logging state it carries (`LogState`),
-so a resumed run writes the row an unbroken one does; SIGTERM saves a checkpoint and exits 143.
+so a resumed run writes the row an unbroken one does; SIGTERM saves a checkpoint and exits 143 (on
+several processes, every process saves the same step, agreed through JAX's preemption service).
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl (one JSON line per logging step) and a row of
 the step table (default runs/steps.csv).
 """
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import datasets, mixing, outputs, pipeline, steptable
@@ -176,12 +178,15 @@ _NOT_HASHED_DATA = ('dir', 'threads')
 
 def config_hash(config) -> str:
   """Identity of what a run computes (the step table's `config_hash`). A float32 run (the default
-  compute dtype) hashes as it did before `model.dtype` existed."""
+  compute dtype) without gradient accumulation hashes as it did before `model.dtype` and
+  `accumulate_steps` existed."""
   values = config.to_dict()
   for key in _NOT_HASHED:
     values.pop(key, None)
   if values.get('model', {}).get('dtype') == 'float32':
     values['model'] = {k: v for k, v in values['model'].items() if k != 'dtype'}
+  if values.get('accumulate_steps') == 1:   # likewise before accumulate_steps existed
+    values.pop('accumulate_steps')
   values['data'] = {k: v for k, v in values['data'].items() if k not in _NOT_HASHED_DATA}
   text = json.dumps(values, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -228,9 +233,13 @@ def validate(config, workdir: str | None = None) -> None:
     problems.append('batch_size must be positive')
   if config.epochs <= 0:
     problems.append('epochs must be positive')
-  if config.batch_size % jax.device_count():
+  accumulate = config.get('accumulate_steps', 1)
+  if accumulate < 1:
+    problems.append(f'accumulate_steps={accumulate} must be at least 1')
+  elif config.batch_size % (jax.device_count() * accumulate):
     problems.append(f'batch_size={config.batch_size} must be divisible by the device count '
-                    f'{jax.device_count()}')
+                    f'{jax.device_count()}' + (f' times accumulate_steps={accumulate}'
+                                              if accumulate > 1 else ''))
   if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     problems.append('log_every_steps and checkpoint_every_steps must be positive')
   if config.data.validation < 0:
@@ -280,7 +289,41 @@ def create_state(config, cfg: NetConfig, tx, sharding=None):
 
 
 def make_train_step(config, graphdef, constants, tx, lr, num_classes):
+  """The jitted training step: one optimizer update from one global batch. With
+  `accumulate_steps` A > 1 the batch's gradient is the mean of A microbatch gradients computed one
+  after another (`lax.scan`), so a batch that does not fit in memory at once takes A times less
+  activation memory. Without BatchNorm that is the same update as the whole batch at once (up to
+  float rounding); BatchNorm normalises and updates its statistics per microbatch. Mixing is
+  drawn on the whole batch; stochastic depth draws per microbatch."""
   a = config.augment
+  accumulate = config.get('accumulate_steps', 1)
+
+  def loss_fn(params, batch_stats, images, targets, drop_key):
+    # copy: fresh Variables in this trace, so BatchNorm may update its statistics here.
+    model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
+    model.train()
+    # The network returns float32 logits in any compute dtype: softmax and the loss in float32.
+    logits = model(images, key=drop_key).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, nnx.state(model, nnx.BatchStat)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(params, batch_stats, images, targets, drop_key):
+    # Microbatch i takes rows i, i + A, i + 2A, ...: each device keeps its own rows.
+    def split(x):
+      return jnp.swapaxes(x.reshape(x.shape[0] // accumulate, accumulate, *x.shape[1:]), 0, 1)
+
+    def body(carry, micro):
+      grad_sum, loss_sum, stats = carry
+      (loss, stats), grads = grad_fn(params, stats, *micro)
+      return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, stats), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    micro = (split(images), split(targets), jax.random.split(drop_key, accumulate))
+    (grad_sum, loss_sum, batch_stats), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), batch_stats), micro)
+    return (loss_sum / accumulate, batch_stats), jax.tree.map(lambda g: g / accumulate, grad_sum)
 
   def train_step(state, batch):
     step = state['step']
@@ -290,18 +333,9 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes):
         mix_key, batch['image'], batch['label'], num_classes=num_classes,
         mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, switch_prob=a.switch_prob,
         mix_prob=a.mix_prob, label_smoothing=a.label_smoothing)
-
-    def loss_fn(params, batch_stats):
-      # copy: fresh Variables in this trace, so BatchNorm may update its statistics here.
-      model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
-      model.train()
-      # The network returns float32 logits in any compute dtype: softmax and the loss in float32.
-      logits = model(images, key=drop_key).astype(jnp.float32)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-      return loss, nnx.state(model, nnx.BatchStat)
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], state['batch_stats'])
+    gradients = grad_fn if accumulate == 1 else accumulated
+    (loss, batch_stats), grads = gradients(state['params'], state['batch_stats'], images, targets,
+                                           drop_key)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = {'params': params, 'batch_stats': batch_stats, 'opt': opt, 'step': step + 1,
@@ -566,8 +600,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_workers=config.data.threads)
   watch.add('data_s', time.perf_counter() - data_start)
 
+  # Preemption. One process: SIGTERM sets a flag, and the step in progress is saved. Several:
+  # JAX's distributed runtime owns SIGTERM (its preemption notifier, started by
+  # jax.distributed.initialize) and tells every process the same step to save at, so that all of
+  # them write the same checkpoint; the trainer then asks it at every step.
   preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  multihost = jax.process_count() > 1
+  previous_handler = None if multihost else signal.signal(
+      signal.SIGTERM, lambda *_: preempted.append(True))
   progress = _Progress(total, start_step, f'{config.step} seed {config.seed}', is_main)
   pending = []   # device losses of the steps since the last host sync
   # A window's speed leaves out the compilation and the checkpoint saves in it.
@@ -587,6 +627,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window_steps += 1
       progress.update()
       done = step + 1
+      if multihost and multihost_utils.reached_preemption_sync_point(done):
+        preempted.append(True)
       log_now = done % config.log_every_steps == 0 or done == total
       save_now = done % config.checkpoint_every_steps == 0 or done == total or preempted
       if log_now or save_now:
@@ -614,7 +656,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if preempted:
           raise Preempted()
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    if not multihost:
+      signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     t0 = time.perf_counter()
     checkpoints.close()

@@ -134,18 +134,40 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_in_lockstep(tmp_path):
+def test_two_processes_train_in_lockstep_and_resume_after_a_preemption(tmp_path):
+  """Two processes (one CPU device each) train what one process trains. SIGTERM to process 1 alone
+  mid-run: JAX's preemption service tells both the same step, both save it and exit 143, and the
+  restarted pair ends where the single process did."""
+  args = ['fewer_norms,smoke', *SGD, '--config.epochs=8', '--config.checkpoint_every_steps=8']
   single = str(tmp_path / 'single')
-  run_train(single, 'fewer_norms,smoke', *SGD, env={'JAX_NUM_CPU_DEVICES': '1'})
-  port = _free_port()
+  run_train(single, *args, env={'JAX_NUM_CPU_DEVICES': '1'})
   multi = str(tmp_path / 'multi')
-  procs = [run_train(multi, 'fewer_norms,smoke', *SGD, '--distributed',
-                     f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}',
-                     env={'JAX_NUM_CPU_DEVICES': '1'}, table=str(tmp_path / 'multi.csv'),
-                     wait=False) for i in range(2)]
+
+  def start_pair():
+    port = _free_port()
+    return [run_train(multi, *args, '--distributed', f'--coordinator=localhost:{port}',
+                      '--num_processes=2', f'--process_id={i}', env={'JAX_NUM_CPU_DEVICES': '1'},
+                      table=str(tmp_path / 'multi.csv'), wait=False) for i in range(2)]
+
+  procs = start_pair()
+  ckpt = os.path.join(multi, 'checkpoints')
+  deadline = time.time() + 300
+  while not (os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= 8 for d in os.listdir(ckpt))):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), 'no checkpoint 8'
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outs]
+  saved, _ = final_params(multi)
+  total = int(steptable.read_rows(str(tmp_path / 'steps.csv'))[0]['steps'])
+  assert 8 <= saved < total
+  assert not os.path.exists(tmp_path / 'multi.csv')
+
+  procs = start_pair()
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  assert f'resuming from checkpoint {saved}' in outs[0][1]
   _, a = final_params(single)
   _, b = final_params(multi)
   fa, fb = flat(a['params']), flat(b['params'])
@@ -153,6 +175,7 @@ def test_two_processes_train_in_lockstep(tmp_path):
   assert worst < 1e-5, worst
   rows = steptable.read_rows(str(tmp_path / 'multi.csv'))
   assert len(rows) == 1 and rows[0]['process_count'] == '2'   # only process 0 writes
+  assert rows[0]['steps'] == str(total)
 
 
 LONGER = ['--config.epochs=4', '--config.checkpoint_every_steps=8']

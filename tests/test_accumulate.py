@@ -1,0 +1,77 @@
+"""Gradient accumulation (`accumulate_steps`): one optimizer update from A microbatches.
+
+Without BatchNorm, 4 microbatches of 32 give the update of one batch of 128 (float rounding
+apart), through the trainer's own optimizer, schedule and train step; with BatchNorm they do not
+(statistics per microbatch), and the test says so rather than hiding it. The comparison uses the
+trainer's SGD (momentum, decay on all weights): AdamW divides each gradient by its own running
+scale, which turns float rounding in near-zero gradients into updates of full size (measured:
+4e-4 of a tensor's largest value after two steps), so its equality would only show rounding.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.ladder import get_config
+from experiments import train
+
+
+def _one_update(step: str, accumulate: int, batch: dict, drop_path: float = 0.0,
+                optimizer: str = 'sgd'):
+  config = get_config(f'{step},smoke,batch=128')
+  with config.unlocked():
+    config.accumulate_steps = accumulate
+    config.optimizer.optimizer = optimizer
+    config.model.drop_path_rate = drop_path
+    config.augment.mix_prob = 0.0
+  cfg = train.net_config(config, num_classes=10, in_channels=1)
+  schedule = train.Schedule(steps_per_epoch=100, epochs=1.0, paper_epochs=300.0)
+  lr = train.learning_rate(config, schedule)
+  tx = train.optimizer(config, lr)
+  graphdef, constants, state = train.create_state(config, cfg, tx)
+  step_fn = jax.jit(train.make_train_step(config, graphdef, constants, tx, lr, 10))
+  for _ in range(2):      # the second update also goes through the optimizer's moments
+    state, metrics = step_fn(state, batch)
+  return state, float(metrics['loss'])
+
+
+def _batch(n=128, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.standard_normal((n, 32, 32, 1)), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+
+
+def _max_relative_difference(a, b) -> float:
+  diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12)),
+                       a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+def test_four_microbatches_of_32_equal_one_batch_of_128_without_batchnorm():
+  batch = _batch()
+  whole, loss_whole = _one_update('layer_norm', 1, batch)
+  parts, loss_parts = _one_update('layer_norm', 4, batch)
+  assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
+  assert _max_relative_difference(parts['params'], whole['params']) < 1e-5
+  assert int(parts['step']) == int(whole['step']) == 2          # one update per batch
+  # A different batch would not pass: the test can tell updates apart.
+  other, _ = _one_update('layer_norm', 4, _batch(seed=1))
+  assert _max_relative_difference(other['params'], whole['params']) > 1e-3
+
+
+def test_with_batchnorm_statistics_are_per_microbatch():
+  batch = _batch()
+  whole, _ = _one_update('resnet50', 1, batch)
+  parts, _ = _one_update('resnet50', 4, batch)
+  assert _max_relative_difference(parts['batch_stats'], whole['batch_stats']) > 1e-4
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(parts['params']))
+
+
+def test_accumulate_steps_must_divide_the_batch():
+  config = get_config('layer_norm,smoke,batch=32')
+  for bad, message in ((3, 'accumulate_steps=3'), (0, 'at least 1')):
+    with config.unlocked():
+      config.accumulate_steps = bad
+    with pytest.raises(train.UsageError, match=message):
+      train.validate(config)
