@@ -17,21 +17,26 @@ from configs.ladder import get_config
 from experiments import train
 
 
-def _one_update(step: str, accumulate: int, batch: dict, drop_path: float = 0.0,
-                optimizer: str = 'sgd'):
+def _trainer(step: str, accumulate: int, optimizer: str = 'sgd'):
+  """The trainer's train step (compiled) and initial state for a smoke config at batch 128."""
   config = get_config(f'{step},smoke,batch=128')
   with config.unlocked():
     config.accumulate_steps = accumulate
     config.optimizer.optimizer = optimizer
-    config.model.drop_path_rate = drop_path
+    config.model.drop_path_rate = 0.0
     config.augment.mix_prob = 0.0
   cfg = train.net_config(config, num_classes=10, in_channels=1)
   schedule = train.Schedule(steps_per_epoch=100, epochs=1.0, paper_epochs=300.0)
   lr = train.learning_rate(config, schedule)
   tx = train.optimizer(config, lr)
   graphdef, constants, state = train.create_state(config, cfg, tx)
-  step_fn = jax.jit(train.make_train_step(config, graphdef, constants, tx, lr, 10))
-  for _ in range(2):      # the second update also goes through the optimizer's moments
+  return jax.jit(train.make_train_step(config, graphdef, constants, tx, lr, 10)), state
+
+
+def _two_updates(trainer, batch):
+  """Two updates on `batch` (the second also goes through the optimizer's momentum)."""
+  step_fn, state = trainer
+  for _ in range(2):
     state, metrics = step_fn(state, batch)
   return state, float(metrics['loss'])
 
@@ -50,20 +55,21 @@ def _max_relative_difference(a, b) -> float:
 
 def test_four_microbatches_of_32_equal_one_batch_of_128_without_batchnorm():
   batch = _batch()
-  whole, loss_whole = _one_update('layer_norm', 1, batch)
-  parts, loss_parts = _one_update('layer_norm', 4, batch)
+  whole, loss_whole = _two_updates(_trainer('layer_norm', 1), batch)
+  accumulated = _trainer('layer_norm', 4)
+  parts, loss_parts = _two_updates(accumulated, batch)
   assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
   assert _max_relative_difference(parts['params'], whole['params']) < 1e-5
   assert int(parts['step']) == int(whole['step']) == 2          # one update per batch
   # A different batch would not pass: the test can tell updates apart.
-  other, _ = _one_update('layer_norm', 4, _batch(seed=1))
+  other, _ = _two_updates(accumulated, _batch(seed=1))
   assert _max_relative_difference(other['params'], whole['params']) > 1e-3
 
 
 def test_with_batchnorm_statistics_are_per_microbatch():
   batch = _batch()
-  whole, _ = _one_update('resnet50', 1, batch)
-  parts, _ = _one_update('resnet50', 4, batch)
+  whole, _ = _two_updates(_trainer('resnet50', 1), batch)
+  parts, _ = _two_updates(_trainer('resnet50', 4), batch)
   assert _max_relative_difference(parts['batch_stats'], whole['batch_stats']) > 1e-4
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(parts['params']))
 

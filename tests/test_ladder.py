@@ -23,11 +23,12 @@ def ladder_cmd(*args):
 def test_full_ladder_on_smoke(tmp_path):
   """Every step of the main ladder, side branches included, trains and the view renders it."""
   out = str(tmp_path / 'ladder')
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side', '--show'),
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side', '--show',
+                                  '--jobs', str(min(2, len(os.sched_getaffinity(0))))),
                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = steptable.read_rows(os.path.join(out, 'steps.csv'))
-  assert [r['step'] for r in rows] == LADDER.names()
+  assert sorted(r['step'] for r in rows) == sorted(LADDER.names())   # in the order they finished
   md = open(os.path.join(out, 'ladder.md')).read()
   table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
   assert len(table_rows) == 17 and sum('(side)' in line for line in table_rows) == 3
