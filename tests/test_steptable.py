@@ -1,6 +1,6 @@
 """The step table under contention: writers that start together lose no row, split none, and write
 one header. These fail when `append_row` loses its lock or writes a row in pieces (checked by
-planting both bugs: tests/mutations.txt)."""
+planting both bugs: tests/mutations.toml)."""
 
 import csv
 import os
