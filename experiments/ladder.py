@@ -57,6 +57,14 @@ def preset_rows() -> list[dict]:
   return [{'step': name, **profile(fn())} for name, fn in presets.PRESETS.items()]
 
 
+def _paper_flops(row: dict, mark: str) -> str:
+  """The paper's GFLOPs, marked where a note explains them; '' for a step outside the paper (its
+  note says where it comes from; its description says the rest)."""
+  if row['paper_gflops'] is None:
+    return ''
+  return f'{row["paper_gflops"]:.2f}' + (mark if row['note'] else '')
+
+
 def format_steps(rows: list[dict]) -> str:
   lines = [f'{"#":>2}  {"step":<22} {"params":>12} {"GMACs":>7} {"paper GFLOPs":>12} '
            f'{"vs paper":>8} {"paper top-1":>12}  change']
@@ -64,12 +72,13 @@ def format_steps(rows: list[dict]) -> str:
     top1 = '' if r['paper_top1'] is None else f'{r["paper_top1"]:.2f}'
     if r.get('paper_top1_std') is not None:
       top1 += f'±{r["paper_top1_std"]:.2f}'
-    delta = 100 * (r['gmacs'] / r['flops_reference'] - 1)
-    paper = f'{r["paper_gflops"]:.2f}' + ('*' if r['note'] else '')
+    paper, delta = _paper_flops(r, '*'), ''
+    if r['flops_reference'] is not None:
+      delta = f'{100 * (r["gmacs"] / r["flops_reference"] - 1):+.1f}%'
     side = '' if r['adopted'] else ' [side branch]'
     lines.append(f'{r["index"]:>2}  {r["step"]:<22} {r["params"]:>12,d} {r["gmacs"]:>7.3f} '
-                 f'{paper:>12} {delta:>+7.1f}% {top1:>12}  {r["description"]}{side}')
-  notes = {r['note'] for r in rows if r['note']}
+                 f'{paper:>12} {delta:>8} {top1:>12}  {r["description"]}{side}')
+  notes = {r['note'] for r in rows if r['note'] and r['paper_gflops'] is not None}
   lines += [f'* {note}' for note in sorted(notes)]
   return '\n'.join(lines)
 
@@ -81,10 +90,10 @@ def markdown_steps(rows: list[dict]) -> str:
     top1 = '' if r['paper_top1'] is None else f'{r["paper_top1"]:.2f}'
     if r.get('paper_top1_std') is not None:
       top1 += f' ± {r["paper_top1_std"]:.2f}'
-    paper = f'{r["paper_gflops"]:.2f}' + (' *' if r['note'] else '')
+    paper = _paper_flops(r, ' *')
     lines.append(f'| {r["index"]} | `{r["step"]}` | {r["params"]:,} | {r["gmacs"]:.3f} | {paper} '
                  f'| {top1} | {r["description"]} |')
-  notes = sorted({r['note'] for r in rows if r['note']})
+  notes = sorted({r['note'] for r in rows if r['note'] and r['paper_gflops'] is not None})
   return '\n'.join(lines + [''] + [f'\\* {n}' for n in notes])
 
 
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--out', required=True, help='output directory (step table, runs, views)')
   run.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
   run.add_argument('--steps', default='', help='comma-separated step names (default: all adopted)')
-  run.add_argument('--side', action='store_true', help='include the side branches (kernel 5/9/11)')
+  run.add_argument('--side', action='store_true',
+                   help='include the side branches (kernel 5/9/11, grn)')
   run.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1 per step')
   run.add_argument('--options', default='',
                    help='config options after the step name, e.g. data=fashion_mnist,scale=cpu')

@@ -30,7 +30,7 @@ from modernize import ladder as ladders
 GROUP_COLOURS = {
     'baseline': '#9e9e9e', 'training recipe': '#8d6e63', 'macro design': '#42a5f5',
     'ResNeXt': '#66bb6a', 'inverted bottleneck': '#ffa726', 'large kernel': '#ab47bc',
-    'micro design': '#ef5350',
+    'micro design': '#ef5350', 'beyond the paper': '#26a69a',
 }
 
 

@@ -5,10 +5,10 @@ Public API:
   min_image_size, feature_size    the smallest input a config takes; its last feature map's side
   Network, create_model, count_params   the configurable network (`modernize.network`)
   LadderBlock, resnet_bottleneck, convnext_block, Stem, Downsample, Head   (`modernize.blocks`)
-  LayerNorm, BatchNorm, DropPath, LayerScale                               (`modernize.layers`)
+  LayerNorm, BatchNorm, DropPath, LayerScale, GlobalResponseNorm           (`modernize.layers`)
   DepthwiseConv, depthwise_conv2d  a depthwise conv that is fast on CPU too (`modernize.depthwise`)
   LADDER, LADDER_200, Ladder, Step, get_ladder   the ladders (`modernize.ladder`)
-  preset, PRESETS                  ResNet-50/200, ConvNeXt T/S/B/L/XL (`modernize.presets`)
+  preset, PRESETS                  ResNet-50/200, ConvNeXt T/S/B/L/XL, V2-T (`modernize.presets`)
   count_macs                       multiply-accumulates the paper's way (`modernize.flops`)
   from_torch_state_dict            PyTorch (timm / torchvision / official) weights (`modernize.convert`)
 """
@@ -18,7 +18,7 @@ from modernize.config import ConfigError, NetConfig, feature_size, min_image_siz
 from modernize.depthwise import DepthwiseConv, depthwise_conv2d
 from modernize.flops import count_macs
 from modernize.ladder import LADDER, LADDER_200, Ladder, Step, get_ladder
-from modernize.layers import BatchNorm, DropPath, LayerNorm, LayerScale
+from modernize.layers import BatchNorm, DropPath, GlobalResponseNorm, LayerNorm, LayerScale
 from modernize.network import Network, count_params, create_model
 from modernize.presets import PRESETS, preset
 

@@ -10,6 +10,7 @@ layers are always held as `conv1`, `conv2`, `conv3` in the order data flows thro
 
 with `norm{i}` after `conv{i}` where present, activations after layers 1 and 2 plus after the
 residual add ('all', ResNet) or after layer 2 only ('one', ConvNeXt's single GELU between the 1x1s).
+With `use_grn` (ConvNeXt V2), GRN follows layer 2's activation, on the expanded features.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class LadderBlock(nnx.Module):
 
     self.conv1, self.norm1 = make(0)
     self.conv2, self.norm2 = make(1)
+    # ConvNeXt V2's GRN on the expanded features, between the two 1x1 convs.
+    self.grn = _maybe(layers.GlobalResponseNorm(shapes[1][1], dtype=dtype) if cfg.use_grn
+                      else None)
     self.conv3, self.norm3 = make(2)
     self.layer_scale = _maybe(layers.LayerScale(out_dim, cfg.layer_scale_init, dtype=dtype)
                               if cfg.layer_scale_init > 0 else None)
@@ -97,6 +101,8 @@ class LadderBlock(nnx.Module):
         x = norm(x)
       if self.act_after[i]:
         x = act(x)
+      if i == 1 and self.grn is not None:   # after layer 2's activation (ConvNeXt V2)
+        x = self.grn(x)
     if self.layer_scale is not None:
       x = self.layer_scale(x)
     x = shortcut + self.drop_path(x, key=key)

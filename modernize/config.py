@@ -55,6 +55,9 @@ class NetConfig:
       stride-2 projection shortcut, as ResNet) or 'separate' (a norm and a 2x2 stride-2 conv between
       stages, plus a norm after global pooling, as ConvNeXt).
     layer_scale_init: initial value of LayerScale's per-channel gain (0 disables LayerScale).
+    use_grn: ConvNeXt V2's Global Response Normalization on the block's expanded features, after
+      the activation between the two 1x1 convs (timm's `use_grn`); needs ConvNeXt's block
+      (`depthwise_position='top'`). V2 drops LayerScale: set `layer_scale_init=0` too.
     drop_path_rate: stochastic depth rate of the last block; rates grow linearly from 0 over blocks.
     init: 'kaiming' (torchvision's ResNet: fan-out normal convs, PyTorch-default linear) or
       'trunc_normal' (N(0, 0.02) for every conv and linear, zero biases: ConvNeXt and Table 5).
@@ -81,6 +84,7 @@ class NetConfig:
   norm: str = 'batch'
   downsampling: str = 'in_block'
   layer_scale_init: float = 0.0
+  use_grn: bool = False
   drop_path_rate: float = 0.0
   init: str = 'kaiming'
   num_classes: int = 1000
@@ -123,7 +127,7 @@ class NetConfig:
       value = getattr(self, flag)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         fail(flag, 'must be a positive integer')
-    for flag in ('depthwise', 'inverted_bottleneck'):
+    for flag in ('depthwise', 'inverted_bottleneck', 'use_grn'):
       if not isinstance(getattr(self, flag), bool):
         fail(flag, 'must be True or False')
     if not self.depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
@@ -141,6 +145,10 @@ class NetConfig:
       fail('depthwise_position',
            "'top' moves the depthwise conv of an inverted bottleneck up; it needs "
            'inverted_bottleneck=True and depthwise=True')
+    if self.use_grn and self.depthwise_position != 'top':
+      fail('use_grn',
+           "GRN sits between the two 1x1 convs of ConvNeXt's block (Fig. 3c); it needs "
+           "inverted_bottleneck=True, depthwise=True and depthwise_position='top'")
     if self.groups > 1:
       narrow = self.width if not self.inverted_bottleneck else self.width * self.expansion
       if narrow % self.groups:

@@ -9,9 +9,10 @@ Supported key formats (detected from the keys; see docs/ladder_spec.md §4):
   'timm'         ConvNeXt: stem.{0,1}, stages.{i}.downsample.{0,1}, stages.{i}.blocks.{j}.
                  {conv_dw,norm,mlp.fc1,mlp.fc2,gamma}, head.{norm,fc}. `mlp.fc1/fc2` may be
                  Linear weights [out, in] or 1x1 conv weights [out, in, 1, 1] (conv_mlp=True).
+                 ConvNeXt V2 (`convnextv2_tiny`): mlp.grn.{weight,bias} [C] and no gamma.
   'fb'           the official ConvNeXt repo: downsample_layers.{i}.{0,1}, stages.{i}.{j}.{dwconv,
                  norm,pwconv1,pwconv2,gamma}, norm, head; the checkpoint's outer {"model": ...}
-                 is accepted too.
+                 is accepted too. ConvNeXt V2's official repo: grn.{gamma,beta} [1, 1, 1, C].
 
 The number of classes is read from the classifier's weight, so fine-tuned checkpoints convert.
 Every parameter and BatchNorm statistic of the network is assigned from exactly one key; missing
@@ -59,6 +60,7 @@ def _family(arch: str) -> str:
 #   'pw'      torch [out, in] (a Linear acting as a 1x1 conv; [out, in, 1, 1] accepted too)
 #                                         <-> ours [1, 1, in, out]
 #   'vector'  same shape
+#   'grn_fb'  torch [1, 1, 1, C] (the official ConvNeXt V2's GRN) <-> ours [C]
 
 def _resnet_key(path: tuple) -> tuple[str, str]:
   leaf = _LEAF[path[-1]]
@@ -82,7 +84,8 @@ def _resnet_key(path: tuple) -> tuple[str, str]:
   raise KeyError(path)
 
 
-_CONVNEXT_BLOCK = {'conv1': 'conv_dw', 'norm1': 'norm', 'conv2': 'mlp.fc1', 'conv3': 'mlp.fc2'}
+_CONVNEXT_BLOCK = {'conv1': 'conv_dw', 'norm1': 'norm', 'conv2': 'mlp.fc1', 'grn': 'mlp.grn',
+                   'conv3': 'mlp.fc2'}
 
 
 def _convnext_key(path: tuple) -> tuple[str, str]:
@@ -126,8 +129,14 @@ def _timm_to_fb(key: str) -> str:
   m = re.fullmatch(r'stages\.(\d+)\.blocks\.(\d+)\.(.*)', key)
   if m:
     rest = m[3].replace('conv_dw.', 'dwconv.').replace('mlp.fc', 'pwconv')
+    rest = {'mlp.grn.weight': 'grn.gamma', 'mlp.grn.bias': 'grn.beta'}.get(rest, rest)
     return f'stages.{m[1]}.{m[2]}.{rest}'
   raise KeyError(key)
+
+
+def _fb_key(path: tuple) -> tuple[str, str]:
+  key, kind = _convnext_key(path)
+  return _timm_to_fb(key), 'grn_fb' if 'grn' in path else kind
 
 
 def _key_fn(fmt: str):
@@ -135,7 +144,7 @@ def _key_fn(fmt: str):
     return _resnet_key
   if fmt == 'timm':
     return _convnext_key
-  return lambda path: (lambda key, kind: (_timm_to_fb(key), kind))(*_convnext_key(path))
+  return _fb_key
 
 
 def _to_ours(value: np.ndarray, kind: str) -> np.ndarray:
@@ -145,6 +154,8 @@ def _to_ours(value: np.ndarray, kind: str) -> np.ndarray:
     return value.T if value.ndim == 2 else value
   if kind == 'pw':
     return value.T[None, None] if value.ndim == 2 else value
+  if kind == 'grn_fb':   # [1, 1, 1, C] -> [C]; other shapes are left to the shape check
+    return value.reshape(-1) if value.ndim and value.size == value.shape[-1] else value
   return value
 
 
@@ -155,6 +166,8 @@ def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
     return value.T
   if kind == 'pw':
     return value[0, 0].T
+  if kind == 'grn_fb':
+    return value.reshape(1, 1, 1, -1)
   return value
 
 
@@ -230,7 +243,7 @@ def _fill_rng_state(model: Network, cfg, seed: int) -> None:
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str, *, seed: int = 0,
                           **overrides) -> Network:
-  """Builds `arch` ('resnet50', 'convnext_tiny', ... 'convnext_xlarge') from a PyTorch state dict.
+  """Builds `arch` ('resnet50', 'convnext_tiny', ... 'convnextv2_tiny') from a PyTorch state dict.
 
   Args:
     state_dict: a timm, torchvision or official-FB state dict (torch tensors or numpy arrays),

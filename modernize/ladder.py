@@ -2,10 +2,12 @@
 
 Each `Step` names the flags it changes. A step's network is its ladder's starting config with the
 changes of every *adopted* step up to and including it applied in order; side branches (the kernel
-sizes the paper tried but did not adopt) apply on top of the step before them and are not inherited.
+sizes the paper tried but did not adopt, and ConvNeXt V2's GRN on top of ConvNeXt-T) apply on top of
+the step before them and are not inherited.
 
 Two ladders: `LADDER` (ResNet-50 -> ConvNeXt-T, Table 10 of the paper) and `LADDER_200`
-(ResNet-200 -> ConvNeXt-B, Table 11). `presets` has ConvNeXt T/S/B/L/XL and the ResNets.
+(ResNet-200 -> ConvNeXt-B, Table 11). `presets` has ConvNeXt T/S/B/L/XL, ConvNeXt V2-T and the
+ResNets.
 
 Choices the paper leaves open, made here and documented in the README:
 - the patchify stem is the 4x4/4 conv followed by the network's norm (ResNet's stem cell ended in
@@ -25,9 +27,9 @@ from typing import Any, Mapping
 
 from modernize.config import ConfigError, NetConfig
 
-# The groups of the paper's Figure 2.
+# The groups of the paper's Figure 2, then one for side branches from outside the paper.
 GROUPS = ('baseline', 'training recipe', 'macro design', 'ResNeXt', 'inverted bottleneck',
-          'large kernel', 'micro design')
+          'large kernel', 'micro design', 'beyond the paper')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +125,9 @@ def _micro_steps(results, ln_flops_reference=None):
   return steps
 
 
-def _ladder(name, start, *, stage_ratio, widen, results, kernels, last):
-  """The shared shape of both ladders; `results` maps step name -> (top1, gflops[, std])."""
+def _ladder(name, start, *, stage_ratio, widen, results, kernels, last, beyond=()):
+  """The shared shape of both ladders; `results` maps step name -> (top1, gflops[, std]);
+  `beyond`: side branches after the last step, from outside the paper."""
   def step(step_name, label, desc, group, changes, **kw):
     return Step(step_name, label, desc, group, changes, *results[step_name], **kw)
 
@@ -159,6 +162,7 @@ def _ladder(name, start, *, stage_ratio, widen, results, kernels, last):
       step(last, f'separate d.s. conv (ConvNeXt-{last[-1].upper()})',
            'separate 2x2/2 conv downsampling, with a norm before it, after the stem and after '
            'global pooling', 'micro design', {'downsampling': 'separate'}),
+      *beyond,
   ]))
 
 
@@ -173,7 +177,14 @@ LADDER = _ladder(
              'gelu': (80.62, 4.15, 0.14), 'fewer_activations': (81.27, 4.15, 0.06),
              'fewer_norms': (81.41, 4.15, 0.09), 'layer_norm': (81.47, 4.46, 0.09),
              'ln_ref': 4.2, 'convnext_t': (81.97, 4.49, 0.06)},
-    kernels=((80.35, 80.57, 80.57, 80.47), (4.10, 4.15, 4.21, 4.29), (0.08, 0.14, 0.06, 0.11)))
+    kernels=((80.35, 80.57, 80.57, 80.47), (4.10, 4.15, 4.21, 4.29), (0.08, 0.14, 0.06, 0.11)),
+    beyond=[
+        Step('grn', 'GRN (ConvNeXt V2)',
+             "Global Response Normalization after the block's GELU, between the two 1x1 convs; "
+             'LayerScale removed (ConvNeXt V2-T, side branch, not adopted)', 'beyond the paper',
+             {'use_grn': True, 'layer_scale_init': 0.0}, None, None, adopted=False,
+             note='ConvNeXt V2 (Woo et al. 2023), side branch'),
+    ])
 
 # Table 11 (ResNet-200 / Swin-B regime): single runs. Its stage-ratio step also widens 64 -> 84.
 LADDER_200 = _ladder(

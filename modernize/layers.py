@@ -1,4 +1,4 @@
-"""Small layers with PyTorch's exact semantics: norms, DropPath, LayerScale, convs, initialisers.
+"""Small layers with PyTorch's exact semantics: norms, GRN, DropPath, LayerScale, convs, initialisers.
 
 Everything is NHWC (channels last). Norms are written out rather than taken from flax so that their
 arithmetic matches PyTorch's (two-pass variance; BatchNorm's running variance is the unbiased one).
@@ -318,6 +318,32 @@ class LayerScale(nnx.Module):
     if self.dtype is not None:
       x, scale = x.astype(self.dtype), scale.astype(self.dtype)
     return x * scale
+
+
+class GlobalResponseNorm(nnx.Module):
+  """ConvNeXt V2's Global Response Normalization (Woo et al. 2023), as timm's GlobalResponseNorm.
+
+  Per sample and channel of NHWC `x`: Gx = ||x||_2 over H and W, Nx = Gx / (mean of Gx over the
+  channels + eps), and out = gamma * (x * Nx) + beta + x. gamma (`scale`) and beta (`bias`) start
+  at zero, so the layer starts as the identity. Statistics in float32 whatever the compute dtype.
+  Where a channel is zero over the whole map, Gx's gradient is taken as 0 (PyTorch's choice for
+  the norm at 0), not sqrt's NaN.
+  """
+
+  def __init__(self, dim: int, *, dtype=None, eps: float = 1e-6):
+    self.eps = eps
+    self.dtype = dtype   # output (compute) dtype; statistics in float32 always
+    self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+  def __call__(self, x):
+    out = _out_dtype(self.dtype, x, self.scale[...])
+    x = at_least_float32(x)
+    sum_sq = jnp.square(x).sum(axis=(1, 2), keepdims=True)
+    nonzero = sum_sq > 0
+    gx = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sum_sq, 1.0)), 0.0)
+    nx = gx / (gx.mean(axis=-1, keepdims=True) + self.eps)
+    return (x + (self.scale[...] * (x * nx) + self.bias[...])).astype(out)
 
 
 class DropPath(nnx.Module):

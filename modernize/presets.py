@@ -1,7 +1,7 @@
-"""Named networks: the two ResNets the ladders start from and ConvNeXt T/S/B/L/XL.
+"""Named networks: the two ResNets the ladders start from, ConvNeXt T/S/B/L/XL and ConvNeXt V2-T.
 
 Drop-path rates are the paper's ImageNet-1K ones (Table 5: T/S/B/L = 0.1/0.4/0.5/0.5; XL, trained on
-ImageNet-22K only in the paper, takes L's); pass `drop_path_rate=` to change them.
+ImageNet-22K only in the paper, takes L's; V2-T keeps T's); pass `drop_path_rate=` to change them.
 """
 
 from __future__ import annotations
@@ -31,11 +31,17 @@ convnext_base = _convnext((3, 3, 27, 3), 128, 0.5)
 convnext_large = _convnext((3, 3, 27, 3), 192, 0.5)
 convnext_xlarge = _convnext((3, 3, 27, 3), 256, 0.5)
 
+
+def convnextv2_tiny(**overrides) -> NetConfig:
+  """timm's `convnextv2_tiny` (Woo et al. 2023): ConvNeXt-T with GRN in place of LayerScale."""
+  return convnext_tiny(**{'use_grn': True, 'layer_scale_init': 0.0, **overrides})
+
+
 PRESETS = {
     'resnet50': resnet50, 'resnet200': resnet200,
     'convnext_tiny': convnext_tiny, 'convnext_small': convnext_small,
     'convnext_base': convnext_base, 'convnext_large': convnext_large,
-    'convnext_xlarge': convnext_xlarge,
+    'convnext_xlarge': convnext_xlarge, 'convnextv2_tiny': convnextv2_tiny,
 }
 
 

@@ -29,6 +29,8 @@ from modernize import ConfigError, NetConfig, preset
     ({'depthwise': 'yes'}, 'depthwise'),
     ({'init': 'xavier'}, 'init'),
     ({'depthwise_impl': 'cuda'}, 'depthwise_impl'),
+    ({'use_grn': True}, 'use_grn'),                                      # needs ConvNeXt's block
+    ({'use_grn': 'yes'}, 'use_grn'),
 ])
 def test_invalid_flag_is_named(changes, flag):
   with pytest.raises(ConfigError, match=rf'^{flag}='):
@@ -47,6 +49,7 @@ def test_sensible_combinations_build():
   NetConfig(norm='layer', downsampling='separate')         # ResNet with ConvNeXt's downsampling
   NetConfig(stem='patchify', kernel_size=9, activation='gelu', norms='one', activations='one')
   preset('convnext_tiny', kernel_size=11, num_classes=10, in_channels=1)
+  preset('convnext_tiny', use_grn=True)                    # GRN beside LayerScale (V2 drops it)
 
 
 def test_replace_validates():

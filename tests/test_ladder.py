@@ -31,13 +31,13 @@ def test_full_ladder_on_smoke(tmp_path):
   assert sorted(r['step'] for r in rows) == sorted(LADDER.names())   # in the order they finished
   md = open(os.path.join(out, 'ladder.md')).read()
   table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
-  assert len(table_rows) == 17 and sum('(side)' in line for line in table_rows) == 3
+  assert len(table_rows) == 18 and sum('(side)' in line for line in table_rows) == 4
   assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
   # A second run trains nothing.
   res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side'), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
-  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 17
+  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 18
 
 
 def test_killed_ladder_resumes_without_retraining(tmp_path):
@@ -83,6 +83,7 @@ def test_show_partial_single_seed_and_mixed_tables(tmp_path):
   rows = [_row('resnet50', 0, 80.0), _row('resnet50', 1, 82.0), _row('stage_ratio', 0, 85.5),
           _row('stage_ratio', 1, 86.5), _row('convnext_t', 0, 90.25),   # missing steps, 1 seed
           _row('kernel_9', 0, 88.0),                                     # a side branch
+          _row('grn', 0, 90.5),                          # a side branch with no paper figures
           _row('resnet50', 0, 70.0, data='cifar10', size=32),            # another data set
           _row('convnext_t', 0, 75.0, data='cifar10', size=32)]
   for r in rows:
@@ -98,6 +99,9 @@ def test_show_partial_single_seed_and_mixed_tables(tmp_path):
   assert '| 2 | stage_ratio | 86.00 ± 0.71 (n=2) | +5.00 |' in md
   assert '| 16 | convnext_t | 90.25 (n=1) | +4.25 ? |' in md
   assert 'kernel_9 (side)' in md
+  grn = next(line for line in md.splitlines() if line.startswith('| 17 | grn (side) |'))
+  assert grn.startswith('| 17 | grn (side) | 90.50 (n=1) | +0.25 ? |')   # vs convnext_t
+  assert grn.endswith('|  |  |')                                        # no paper top-1, GFLOPs
   for name in ('ladder.png', 'ladder_fashion_mnist_cpu_32.png', 'ladder_cifar10_cpu_32.png'):
     path = os.path.join(out, name)
     assert os.path.getsize(path) > 10_000

@@ -44,6 +44,7 @@ def structure(cfg: NetConfig) -> dict:
         'shortcut': None if b.shortcut_conv is None else (
             _conv_facts(b.shortcut_conv), _norm_kind(b.shortcut_norm)),
         'layer_scale': b.layer_scale is not None,
+        'grn': b.grn is not None,
     }
   downsample = stage1.downsample
   return {
@@ -67,11 +68,12 @@ EXPECTED = {
         'first_block': {'layers': [('dense', 1, 256, 128, 1), ('dense', 3, 128, 128, 2),
                                    ('dense', 1, 128, 512, 1)],
                         'norms': ['BN'] * 3, 'acts': RELU3, 'activation': 'relu',
-                        'shortcut': (('dense', 1, 256, 512, 2), 'BN'), 'layer_scale': False},
+                        'shortcut': (('dense', 1, 256, 512, 2), 'BN'), 'layer_scale': False,
+                        'grn': False},
         'later_block': {'layers': [('dense', 1, 512, 128, 1), ('dense', 3, 128, 128, 1),
                                    ('dense', 1, 128, 512, 1)],
                         'norms': ['BN'] * 3, 'acts': RELU3, 'activation': 'relu',
-                        'shortcut': None, 'layer_scale': False},
+                        'shortcut': None, 'layer_scale': False, 'grn': False},
         'downsample': None, 'head_norm': None, 'params': 25_557_032,
     },
 }
@@ -130,7 +132,11 @@ def _expected(step):
       fb['shortcut'] = None
       fb['layers'] = [('dw', 7, 192, 192, 1), ('dense', 1, 192, 768, 1), ('dense', 1, 768, 192, 1)]
       e['params'] = 28_589_128
-  if step != 'resnet50' and step != 'enhanced_recipe' and step != 'convnext_t':
+    elif name == 'grn':   # ConvNeXt V2-T: GRN between the 1x1 convs instead of LayerScale
+      fb['layer_scale'] = lb['layer_scale'] = False
+      fb['grn'] = lb['grn'] = True
+      e['params'] = 28_635_496
+  if step not in ('resnet50', 'enhanced_recipe', 'convnext_t', 'grn'):
     e.pop('params')
   return e
 
@@ -148,7 +154,8 @@ def test_side_branches_are_not_inherited():
   assert LADDER.net_config('kernel_9').kernel_size == 9
   assert LADDER.net_config('kernel_11').kernel_size == 11
   assert LADDER.net_config('gelu').kernel_size == 7
-  assert [s.name for s in LADDER.steps if not s.adopted] == ['kernel_5', 'kernel_9', 'kernel_11']
+  assert [s.name for s in LADDER.steps if not s.adopted] == ['kernel_5', 'kernel_9', 'kernel_11',
+                                                             'grn']
   assert len(LADDER.names(include_side=False)) == 14
 
 
@@ -167,7 +174,7 @@ def test_endpoints_are_the_presets():
 @pytest.mark.parametrize('name, params', [
     ('resnet50', 25_557_032), ('convnext_tiny', 28_589_128), ('convnext_small', 50_223_688),
     ('convnext_base', 88_591_464), ('convnext_large', 197_767_336),
-    ('convnext_xlarge', 350_196_968)])
+    ('convnext_xlarge', 350_196_968), ('convnextv2_tiny', 28_635_496)])
 def test_preset_params(name, params):
   model = nnx.eval_shape(lambda: Network(preset(name), rngs=nnx.Rngs(0)))
   assert count_params(model) == params
@@ -253,11 +260,15 @@ def test_steps_cli_json():
       assert abs(r['gmacs'] / 4.2 - 1) <= 0.015, r   # Figure 2's 4.2, printed to 2 digits
     elif r['step'] == 'convnext_t':   # the one row off (README): 4.456 against 4.49, -0.77%
       assert abs(r['gmacs'] / r['paper_gflops'] - 1) <= 0.008, r
+    elif r['paper_gflops'] is None:   # outside the paper: GRN adds no conv or linear
+      assert r['step'] == 'grn' and r['flops_reference'] is None, r
+      assert r['gmacs'] == by_step['convnext_t']['gmacs']
     else:
       assert abs(r['gmacs'] - r['paper_gflops']) <= PRINTED, r
 
   assert by_step['resnet50']['params'] == by_step['enhanced_recipe']['params'] == 25_557_032
   assert by_step['convnext_t']['params'] == 28_589_128
+  assert by_step['grn']['params'] == 28_635_496
 
 
 def test_steps_cli_bad_input():
