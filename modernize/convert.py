@@ -3,7 +3,7 @@
     model = from_torch_state_dict(torch_model.state_dict(), 'convnext_tiny')   # eval mode
     logits = model(images_nhwc)
 
-Supported key formats (detected from the keys; see docs/ladder_spec.md §4):
+Supported key formats (detected from the keys):
   'torchvision'  ResNet: conv1, bn1, layer{1..4}.{b}.conv{1,2,3}/bn{1,2,3}/downsample.{0,1}, fc.
                  timm's ResNets use the same names, so they load the same way.
   'timm'         ConvNeXt: stem.{0,1}, stages.{i}.downsample.{0,1}, stages.{i}.blocks.{j}.
