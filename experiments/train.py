@@ -183,8 +183,9 @@ def config_hash(config) -> str:
   values = config.to_dict()
   for key in _NOT_HASHED:
     values.pop(key, None)
-  if values.get('model', {}).get('dtype') == 'float32':
-    values['model'] = {k: v for k, v in values['model'].items() if k != 'dtype'}
+  defaults = {'dtype': 'float32', 'use_grn': False}   # flags added later, at their defaults
+  values['model'] = {k: v for k, v in values.get('model', {}).items()
+                     if not (k in defaults and v == defaults[k])}
   if values.get('accumulate_steps') == 1:   # likewise before accumulate_steps existed
     values.pop('accumulate_steps')
   values['data'] = {k: v for k, v in values['data'].items() if k not in _NOT_HASHED_DATA}
