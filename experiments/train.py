@@ -176,19 +176,25 @@ _NOT_HASHED = ('step_table', 'log_every_steps', 'checkpoint_every_steps', 'keep_
 _NOT_HASHED_DATA = ('dir', 'threads')
 
 
+# Fields added after runs were recorded, with their default: at the default a field is left out of
+# the hash, so that a run hashes as it did before the field existed ('model.dtype': ...).
+_ADDED_FIELDS = {'accumulate_steps': 1, 'model.dtype': 'float32', 'model.use_grn': False}
+
+
 def config_hash(config) -> str:
-  """Identity of what a run computes (the step table's `config_hash`). A float32 run (the default
-  compute dtype) without gradient accumulation hashes as it did before `model.dtype` and
-  `accumulate_steps` existed."""
+  """Identity of what a run computes (the step table's `config_hash`). A field of `_ADDED_FIELDS`
+  at its default leaves the hash as it was before the field existed."""
   values = config.to_dict()
   for key in _NOT_HASHED:
     values.pop(key, None)
-  defaults = {'dtype': 'float32', 'use_grn': False}   # flags added later, at their defaults
-  values['model'] = {k: v for k, v in values.get('model', {}).items()
-                     if not (k in defaults and v == defaults[k])}
-  if values.get('accumulate_steps') == 1:   # likewise before accumulate_steps existed
-    values.pop('accumulate_steps')
   values['data'] = {k: v for k, v in values['data'].items() if k not in _NOT_HASHED_DATA}
+  for field, default in _ADDED_FIELDS.items():
+    *parents, name = field.split('.')
+    node = values
+    for parent in parents:
+      node = node.get(parent, {})
+    if name in node and node[name] == default:
+      del node[name]
   text = json.dumps(values, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
