@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -64,11 +65,26 @@ def _probe(directory: str) -> str | None:
   return None
 
 
+_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def remote_problem(path) -> str | None:
+  """'is a remote URL ...' for `gs://...` and other URLs, which the suite's os-level file handling
+  would quietly treat as a local directory named 'gs:'; None for a local path."""
+  if _URL.match(os.fspath(path)):
+    return ('is a remote URL: only local or mounted file systems are supported yet '
+            '(mount the bucket, e.g. with gcsfuse, and pass the mount path)')
+  return None
+
+
 def write_problem(path: str, *, directory: bool = False) -> str | None:
   """Why `path` could not be written later, as words to follow the path ('is a directory', ...), or
   None: a file to create or append to (with `directory`: a directory to create files in). Changes
   nothing: a missing path is checked at its nearest existing ancestor, an existing file is opened
   for appending and closed unwritten."""
+  remote = remote_problem(path)
+  if remote:
+    return remote
   if not os.path.lexists(path):
     ancestor = _existing(path)
     if not os.path.isdir(ancestor):

@@ -257,6 +257,8 @@ def validate(config, workdir: str | None = None) -> None:
     datasets.validate_name(config.data.name)
   except ValueError as e:
     problems.append(f'data.name: {e}')
+  if config.data.dir and outputs.remote_problem(config.data.dir):
+    problems.append(f'data.dir {config.data.dir} {outputs.remote_problem(config.data.dir)}')
   size_problem = _image_size_problem(config)
   if size_problem:
     problems.append(size_problem)

@@ -83,6 +83,11 @@ TRAIN_CASES = {
                              ['workdir {tmp}/file/run', 'not a directory']),
     'metrics_file_is_a_directory': ('convnext_t,smoke', [], _metrics_is_a_directory,
                                     ['{tmp}/run/metrics.jsonl', 'is a directory']),
+    # Not yet supported: refused, rather than written to a local directory named 'gs:'.
+    'workdir_is_a_url': ('convnext_t,smoke', ['--workdir=gs://bucket/run'], None,
+                         ['workdir gs://bucket/run', 'remote URL']),
+    'data_dir_is_a_url': ('convnext_t,smoke', ['--config.data.dir=gs://bucket/data'], None,
+                          ['data.dir gs://bucket/data', 'remote URL']),
 }
 
 
@@ -105,6 +110,7 @@ def test_trainer_rejects_bad_input_before_training(tmp_path, case):
   assert _snapshot(table) == before
   assert all(_snapshot(p) == snap for p, snap in kept.items())
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')   # nothing trained
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
 
 
 # --- the ladder view -----------------------------------------------------------------------------
