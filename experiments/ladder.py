@@ -25,6 +25,7 @@ import sys
 
 from flax import nnx
 
+from experiments import outputs
 from experiments.cli import UsageError, guarded
 from modernize import ladder as ladders
 from modernize import presets
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
   view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
   view.add_argument('--note', default='', help="a line under every title (e.g. 'not at plateau')")
   args = parser.parse_args(argv)
+  out = getattr(args, 'out', None)
+  if out and outputs.remote_problem(out):
+    raise UsageError(f'--out {out} {outputs.remote_problem(out)}')
 
   if args.command == 'calibrate':
     from experiments import calibrate  # pylint: disable=import-outside-toplevel

@@ -172,6 +172,14 @@ def test_ladder_run_rejects_a_table_without_its_columns(tmp_path):
   assert _snapshot(table) == before
 
 
+@pytest.mark.parametrize('command', ['run', 'show', 'calibrate'])
+def test_ladder_refuses_a_remote_out(command):
+  extra = ['--recipe', 'enhanced', '--validation', '100'] if command == 'calibrate' else []
+  line = _one_error_line(_run('experiments.ladder', command, '--out', 'gs://bucket/ladder', *extra))
+  assert '--out gs://bucket/ladder' in line and 'remote URL' in line, line
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
 def test_the_divergence_message_says_whether_a_checkpoint_is_kept(tmp_path):
   workdir = str(tmp_path)
   losses = [np.float32(2.3), np.float32('nan')]
