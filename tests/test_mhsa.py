@@ -343,3 +343,27 @@ def test_mhsa_side_branch_through_the_trainer(tmp_path, fashion):
   assert config['model']['mhsa_last_stage'] is True
   assert model.stages[3].blocks[0].attn.feature_size == (2, 2)
   assert model(np.zeros((2, 64, 64, 1), np.float32)).shape == (2, 10)
+
+
+def test_steps_side_cli():
+  """`python -m experiments.ladder steps --side`: the side branches with params and GMACs at 224,
+  each beside the adopted step it branches from."""
+  import json
+  import subprocess
+  import sys
+  cmd = [sys.executable, '-m', 'experiments.ladder', 'steps', '--side']
+  rows = json.loads(subprocess.run(cmd + ['--json'], capture_output=True, text=True,
+                                   check=True).stdout)
+  assert [(r['step'], r['base']) for r in rows] == [
+      ('kernel_5', 'move_up_depthwise'), ('kernel_9', 'kernel_7'), ('kernel_11', 'kernel_7'),
+      ('grn', 'convnext_t'), ('mhsa_last_stage', 'convnext_t')]
+  by_step = {r['step']: r for r in rows}
+  assert by_step['grn']['params'] == 28_635_496
+  mhsa = by_step['mhsa_last_stage']
+  assert mhsa['params'] == 33_784_840 and mhsa['params_vs_base'] == 33_784_840 - 28_589_128
+  assert round(mhsa['gmacs'], 6) == 4.724111 and mhsa['gmacs_vs_base'] > 0.26
+  from experiments.ladder import format_side   # what the command prints without --json
+  line = next(line for line in format_side(rows).splitlines() if 'mhsa_last_stage' in line)
+  assert 'convnext_t' in line and '33,784,840' in line and '4.724' in line and '+5,195,712' in line
+  res = subprocess.run(cmd + ['--presets'], capture_output=True, text=True)
+  assert res.returncode == 2 and 'Traceback' not in res.stderr
