@@ -405,7 +405,7 @@ class RelPosSelfAttention(nnx.Module):
     (unscaled) relative position terms."""
     content = jnp.einsum('byxnd,bknd->bnyxk', q, k) * self.head_dim ** -0.5
     position = self.relative_logits(q).reshape(content.shape)
-    return at_least_float32(content + position)
+    return at_least_float32(content) + at_least_float32(position)
 
   def relative_logits(self, q):
     """q . r_h[y' - y] + q . r_w[x' - x] as (batch, heads, y, x, y', x'), from q (b, y, x, heads,
