@@ -148,6 +148,7 @@ class _JaxWorker:
       config = ladder_config.get_config('convnext_t,data=cifar10,scale=full')
       config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
       config.augment.label_smoothing = 0.0
+      config.data.image_size = size   # the network is built for it (mhsa_last_stage)
       # dtype: the compute dtype (NetConfig.dtype, e.g. 'bfloat16'); None: the config's default.
       extra = {} if dtype is None else {'dtype': dtype}
       cfg = modernize.LADDER.net_config(step, num_classes=NUM_CLASSES, in_channels=3,

@@ -232,7 +232,7 @@ def load_trained_model(workdir: str, step: int | None = None):
   values = dict(config['model'], depths=tuple(config['model']['depths']),
                 num_classes=saved['params']['head']['fc']['bias']['value'].shape[0],
                 in_channels=saved['params']['stem']['conv']['kernel']['value'].shape[2])
-  model = create_model(NetConfig.from_dict(values))
+  model = create_model(NetConfig.from_dict(values), image_size=config['data']['image_size'])
 
   def lookup(tree, path):
     for key in path:

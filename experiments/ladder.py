@@ -1,6 +1,6 @@
 """The ladder from the command line.
 
-  python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets] [--json]
+  python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets | --side] [--json]
   python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side] [--jobs N]
                                    [--options data=...,scale=...] [--set field=value ...]
                                    [--plateau-check]
@@ -9,7 +9,9 @@
                                          --grid field=v1,v2 [--grid ...] [--seeds N] [--options ...]
 
 `steps` prints every step's parameters and multiply-accumulates (GMACs, the paper's "FLOPs") at
-224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11).
+224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11);
+`steps --side` the side branches only (kernel 5/9/11, grn, mhsa_last_stage), each beside the
+adopted step it branches from.
 `run` trains each (step, seed) of the ladder once through `experiments.train` (finished ones, found
 in DIR/steps.csv, are skipped; an interrupted one resumes). `show` renders DIR/steps.csv as
 DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the change from the
@@ -35,7 +37,7 @@ from modernize.network import Network, count_params
 
 def profile(cfg, image_size: int = 224) -> dict:
   """Parameters and GMACs of a network config, without allocating its weights."""
-  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0), image_size=image_size))
   return {'params': count_params(model), 'gmacs': count_macs(cfg, image_size) / 1e9}
 
 
@@ -52,6 +54,32 @@ def step_rows(ladder_name: str = 'resnet50') -> list[dict]:
                 'flops_reference': step.flops_reference or step.paper_gflops, 'note': step.note})
     rows.append(row)
   return rows
+
+
+def side_rows(ladder_name: str = 'resnet50') -> list[dict]:
+  """The side branches' rows, each with the adopted step it builds on (`base`) and its change in
+  parameters and GMACs from it."""
+  ladder = ladders.get_ladder(ladder_name)
+  rows = step_rows(ladder_name)
+  by_step = {r['step']: r for r in rows}
+  side = []
+  for r in rows:
+    if r['adopted']:
+      continue
+    base = by_step[ladder.base(r['step'])]
+    side.append({**r, 'base': base['step'], 'params_vs_base': r['params'] - base['params'],
+                 'gmacs_vs_base': r['gmacs'] - base['gmacs']})
+  return side
+
+
+def format_side(rows: list[dict]) -> str:
+  lines = [f'{"#":>2}  {"side branch":<18} {"on top of":<18} {"params":>12} {"GMACs":>7} '
+           f'{"params vs base":>14} {"GMACs vs base":>13}  change']
+  for r in rows:
+    lines.append(f'{r["index"]:>2}  {r["step"]:<18} {r["base"]:<18} {r["params"]:>12,d} '
+                 f'{r["gmacs"]:>7.3f} {r["params_vs_base"]:>+14,d} {r["gmacs_vs_base"]:>+13.3f}  '
+                 f'{r["description"]}')
+  return '\n'.join(lines)
 
 
 def preset_rows() -> list[dict]:
@@ -106,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
   steps = sub.add_parser('steps', help='params and GMACs of every step beside the paper')
   steps.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
   steps.add_argument('--presets', action='store_true', help='profile the presets instead')
+  steps.add_argument('--side', action='store_true',
+                     help='the side branches only, each beside the adopted step it branches from')
   steps.add_argument('--json', action='store_true', help='print a JSON list')
   steps.add_argument('--markdown', action='store_true', help='print a Markdown table')
   run = sub.add_parser('run', help='train every (step, seed) of the ladder once')
@@ -113,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
   run.add_argument('--steps', default='', help='comma-separated step names (default: all adopted)')
   run.add_argument('--side', action='store_true',
-                   help='include the side branches (kernel 5/9/11, grn)')
+                   help='include the side branches (kernel 5/9/11, grn, mhsa_last_stage)')
   run.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1 per step')
   run.add_argument('--options', default='',
                    help='config options after the step name, e.g. data=fashion_mnist,scale=cpu')
@@ -191,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   if args.command == 'steps':
-    rows = preset_rows() if args.presets else step_rows(args.ladder)
+    if args.presets and args.side:
+      raise UsageError('steps: --presets and --side list different things; give one')
+    if args.side:
+      rows = side_rows(args.ladder)
+    else:
+      rows = preset_rows() if args.presets else step_rows(args.ladder)
     if args.json:
       print(json.dumps(rows, indent=1))
     elif args.markdown and not args.presets:
@@ -199,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.presets:
       for r in rows:
         print(f'{r["step"]:<16} {r["params"]:>12,d} params {r["gmacs"]:>8.3f} GMACs')
+    elif args.side:
+      print(format_side(rows))
     else:
       print(format_steps(rows))
     return 0

@@ -178,7 +178,8 @@ _NOT_HASHED_DATA = ('dir', 'threads')
 
 # Fields added after runs were recorded, with their default: at the default a field is left out of
 # the hash, so that a run hashes as it did before the field existed ('model.dtype': ...).
-_ADDED_FIELDS = {'accumulate_steps': 1, 'model.dtype': 'float32', 'model.use_grn': False}
+_ADDED_FIELDS = {'accumulate_steps': 1, 'model.dtype': 'float32', 'model.use_grn': False,
+                 'model.mhsa_last_stage': False}
 
 
 def config_hash(config) -> str:
@@ -275,7 +276,8 @@ def create_state(config, cfg: NetConfig, tx, sharding=None):
   optimizer state, step counter), initialised by one jitted function (eager init would compile a
   small program per parameter shape)."""
   def build():
-    return Network(cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    return Network(cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+                   image_size=config.data.image_size)
 
   graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.BatchStat, ...)[0]
 

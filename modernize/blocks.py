@@ -10,7 +10,9 @@ layers are always held as `conv1`, `conv2`, `conv3` in the order data flows thro
 
 with `norm{i}` after `conv{i}` where present, activations after layers 1 and 2 plus after the
 residual add ('all', ResNet) or after layer 2 only ('one', ConvNeXt's single GELU between the 1x1s).
-With `use_grn` (ConvNeXt V2), GRN follows layer 2's activation, on the expanded features.
+With `use_grn` (ConvNeXt V2), GRN follows layer 2's activation, on the expanded features. Given an
+`attention_size` (`mhsa_last_stage`, BoTNet), layer 1 of ConvNeXt's block is global multi-head
+self-attention (`attn`) instead of the depthwise conv (`conv1` is then None).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modernize import layers
-from modernize.config import NetConfig
+from modernize.config import MHSA_HEAD_DIM, ConfigError, NetConfig
 
 
 def _maybe(module):
@@ -35,10 +37,16 @@ def compute_dtype(cfg: NetConfig):
 
 
 class LadderBlock(nnx.Module):
-  """A residual block of the ladder; `in_dim -> out_dim` with `stride` in its spatial conv."""
+  """A residual block of the ladder; `in_dim -> out_dim` with `stride` in its spatial conv.
+
+  `attention_size`: (H, W) of the feature map the block sees; when given, BoTNet's global
+  self-attention (`layers.RelPosSelfAttention`, built for that size) replaces the depthwise conv of
+  ConvNeXt's block (`depthwise_position='top'`, stride 1).
+  """
 
   def __init__(self, in_dim: int, out_dim: int, *, stride: int, cfg: NetConfig,
-               drop_path: float = 0.0, rngs: nnx.Rngs):
+               drop_path: float = 0.0, attention_size: tuple[int, int] | None = None,
+               rngs: nnx.Rngs):
     k = cfg.kernel_size
     if not cfg.inverted_bottleneck:
       # Fig. 3a: wide -> narrow -> wide; the stride sits in the spatial conv (ResNet v1.5).
@@ -69,9 +77,24 @@ class LadderBlock(nnx.Module):
       conv = layers.conv(cin, cout, kk, stride=s, groups=g, init=cfg.init,
                          use_bias=not (with_norm[i] and cfg.norm == 'batch'),
                          depthwise_impl=cfg.depthwise_impl, dtype=dtype, rngs=rngs)
-      return conv, _maybe(layers.norm(cfg.norm, cout, dtype) if with_norm[i] else None)
+      return conv, norm_after(i)
 
-    self.conv1, self.norm1 = make(0)
+    def norm_after(i):
+      return _maybe(layers.norm(cfg.norm, shapes[i][1], dtype) if with_norm[i] else None)
+
+    if attention_size is None:
+      self.conv1, self.norm1 = make(0)
+      self.attn = nnx.data(None)
+    else:
+      # BoTNet: global multi-head self-attention where ConvNeXt's block has its depthwise conv.
+      if cfg.depthwise_position != 'top' or stride != 1 or in_dim != out_dim:
+        raise ConfigError('mhsa_last_stage: attention replaces the depthwise conv of ConvNeXt\'s '
+                          "block (depthwise_position='top') in a block that keeps its resolution "
+                          'and width')
+      self.conv1 = nnx.data(None)
+      self.attn = layers.RelPosSelfAttention(in_dim, attention_size, head_dim=MHSA_HEAD_DIM,
+                                             init=cfg.init, dtype=dtype, rngs=rngs)
+      self.norm1 = norm_after(0)
     self.conv2, self.norm2 = make(1)
     # ConvNeXt V2's GRN on the expanded features, between the two 1x1 convs.
     self.grn = _maybe(layers.GlobalResponseNorm(shapes[1][1], dtype=dtype) if cfg.use_grn
@@ -94,7 +117,8 @@ class LadderBlock(nnx.Module):
     shortcut = x
     if self.shortcut_conv is not None:
       shortcut = self.shortcut_norm(self.shortcut_conv(x))
-    for i, (conv, norm) in enumerate([(self.conv1, self.norm1), (self.conv2, self.norm2),
+    layer1 = self.conv1 if self.attn is None else self.attn   # depthwise conv or attention
+    for i, (conv, norm) in enumerate([(layer1, self.norm1), (self.conv2, self.norm2),
                                       (self.conv3, self.norm3)]):
       x = conv(x)
       if norm is not None:

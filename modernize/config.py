@@ -16,6 +16,12 @@ class ConfigError(ValueError):
   """A configuration value that cannot build a network; the message names the flag."""
 
 
+# Channels per attention head with `mhsa_last_stage`: Swin-T's 32, the network ConvNeXt-T is built
+# against (same stage widths): 24 heads at ConvNeXt-T's 768 channels, and a scaled-down ladder keeps
+# the head width (6 heads at the CPU scale's 192).
+MHSA_HEAD_DIM = 32
+
+
 _CHOICES = {
     'stem': ('resnet', 'patchify'),
     'depthwise_position': ('middle', 'top'),
@@ -58,6 +64,10 @@ class NetConfig:
     use_grn: ConvNeXt V2's Global Response Normalization on the block's expanded features, after
       the activation between the two 1x1 convs (timm's `use_grn`); needs ConvNeXt's block
       (`depthwise_position='top'`). V2 drops LayerScale: set `layer_scale_init=0` too.
+    mhsa_last_stage: BoTNet's change (Srinivas et al. 2021): in the last stage's blocks, global
+      multi-head self-attention with 2-D relative position logits (`layers.RelPosSelfAttention`,
+      heads of `MHSA_HEAD_DIM` channels) in place of the depthwise conv. Needs ConvNeXt's block and
+      separate downsampling; the network is then built for one input size (`Network(image_size=)`).
     drop_path_rate: stochastic depth rate of the last block; rates grow linearly from 0 over blocks.
     init: 'kaiming' (torchvision's ResNet: fan-out normal convs, PyTorch-default linear) or
       'trunc_normal' (N(0, 0.02) for every conv and linear, zero biases: ConvNeXt and Table 5).
@@ -85,6 +95,7 @@ class NetConfig:
   downsampling: str = 'in_block'
   layer_scale_init: float = 0.0
   use_grn: bool = False
+  mhsa_last_stage: bool = False
   drop_path_rate: float = 0.0
   init: str = 'kaiming'
   num_classes: int = 1000
@@ -127,7 +138,7 @@ class NetConfig:
       value = getattr(self, flag)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         fail(flag, 'must be a positive integer')
-    for flag in ('depthwise', 'inverted_bottleneck', 'use_grn'):
+    for flag in ('depthwise', 'inverted_bottleneck', 'use_grn', 'mhsa_last_stage'):
       if not isinstance(getattr(self, flag), bool):
         fail(flag, 'must be True or False')
     if not self.depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
@@ -149,6 +160,14 @@ class NetConfig:
       fail('use_grn',
            "GRN sits between the two 1x1 convs of ConvNeXt's block (Fig. 3c); it needs "
            "inverted_bottleneck=True, depthwise=True and depthwise_position='top'")
+    if self.mhsa_last_stage and not (self.depthwise_position == 'top'
+                                     and self.downsampling == 'separate'):
+      fail('mhsa_last_stage',
+           "attention replaces the depthwise conv of ConvNeXt's block (Fig. 3c) in a stage that "
+           "keeps its resolution; it needs depthwise_position='top' and downsampling='separate'")
+    if self.mhsa_last_stage and self.stage_widths()[-1] % MHSA_HEAD_DIM:
+      fail('mhsa_last_stage', f'the last stage width {self.stage_widths()[-1]} must be a multiple '
+           f'of the head width {MHSA_HEAD_DIM}')
     if self.groups > 1:
       narrow = self.width if not self.inverted_bottleneck else self.width * self.expansion
       if narrow % self.groups:

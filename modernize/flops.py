@@ -5,7 +5,8 @@ We count them from the traced program rather than from a formula: the forward pa
 jaxpr (no arrays are allocated) and every `conv_general_dilated` and `dot_general` contributes
   conv: output elements x kernel height x kernel width x input channels per group
   dot:  output elements x contracted size
-Norms, activations, pooling, additions and LayerScale are not counted (as in the paper).
+Norms, activations, pooling, additions and LayerScale are not counted (as in the paper); softmax is
+not, but attention's products are dots (q.k, q.r, weights.v) and count as such.
 Depthwise convs are traced with the plain XLA grouped conv so that they count as convs.
 """
 
@@ -46,7 +47,7 @@ def count_macs(cfg: NetConfig, image_size: int | tuple[int, int] = 224) -> int:
   from modernize.network import Network  # local: network imports the layers this module counts
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
   cfg = cfg.replace(depthwise_impl='xla')
-  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0), image_size=(h, w)))
   graphdef, state = nnx.split(model)
 
   def forward(state, x):

@@ -2,8 +2,8 @@
 
 Each `Step` names the flags it changes. A step's network is its ladder's starting config with the
 changes of every *adopted* step up to and including it applied in order; side branches (the kernel
-sizes the paper tried but did not adopt, and ConvNeXt V2's GRN on top of ConvNeXt-T) apply on top of
-the step before them and are not inherited.
+sizes the paper tried but did not adopt; on top of ConvNeXt-T, ConvNeXt V2's GRN and BoTNet's
+attention in the last stage) apply on top of the step before them and are not inherited.
 
 Two ladders: `LADDER` (ResNet-50 -> ConvNeXt-T, Table 10 of the paper) and `LADDER_200`
 (ResNet-200 -> ConvNeXt-B, Table 11). `presets` has ConvNeXt T/S/B/L/XL, ConvNeXt V2-T and the
@@ -63,6 +63,16 @@ class Ladder:
       if s.name == name:
         return s
     raise ConfigError(f'unknown step {name!r} of ladder {self.name!r}; steps: {self.names()}')
+
+  def base(self, name: str) -> str:
+    """The adopted step that step `name` builds on: the last adopted step before it."""
+    target, base = self.step(name), self.steps[0].name
+    for s in self.steps:
+      if s is target:
+        return base
+      if s.adopted:
+        base = s.name
+    return base
 
   def index(self, name: str) -> int:
     return self.names().index(self.step(name).name)
@@ -184,6 +194,11 @@ LADDER = _ladder(
              'LayerScale removed (ConvNeXt V2-T, side branch, not adopted)', 'beyond the paper',
              {'use_grn': True, 'layer_scale_init': 0.0}, None, None, adopted=False,
              note='ConvNeXt V2 (Woo et al. 2023), side branch'),
+        Step('mhsa_last_stage', 'MHSA in the last stage (BoTNet)',
+             'global multi-head self-attention with 2-D relative position logits in place of the '
+             "last stage's depthwise convs (BoTNet, side branch, not adopted)", 'beyond the paper',
+             {'mhsa_last_stage': True}, None, None, adopted=False,
+             note='BoTNet (Srinivas et al. 2021), side branch'),
     ])
 
 # Table 11 (ResNet-200 / Swin-B regime): single runs. Its stage-ratio step also widens 64 -> 84.

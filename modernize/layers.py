@@ -1,4 +1,5 @@
-"""Small layers with PyTorch's exact semantics: norms, GRN, DropPath, LayerScale, convs, initialisers.
+"""Small layers with PyTorch's exact semantics: norms, GRN, BoTNet's attention, DropPath, LayerScale,
+convs, initialisers.
 
 Everything is NHWC (channels last). Norms are written out rather than taken from flax so that their
 arithmetic matches PyTorch's (two-pass variance; BatchNorm's running variance is the unbiased one).
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modernize import backend
+from modernize.config import ConfigError
 from modernize.conv import add_taps, conv_fn, out_size, window_taps
 from modernize.depthwise import DepthwiseConv
 
@@ -344,6 +346,84 @@ class GlobalResponseNorm(nnx.Module):
     gx = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sum_sq, 1.0)), 0.0)
     nx = gx / (gx.mean(axis=-1, keepdims=True) + self.eps)
     return (x + (self.scale[...] * (x * nx) + self.bias[...])).astype(out)
+
+
+class RelPosSelfAttention(nnx.Module):
+  """BoTNet's global multi-head self-attention with 2-D relative position logits (Srinivas et al.
+  2021), as timm's `BottleneckAttn` (stride 1, default `scale_pos_embed=False`).
+
+  A 1x1 conv without bias gives q, k and v (channels [q | k | v], each heads x `head_dim`); every
+  position attends to every position of the map with logits
+    q . k / sqrt(head_dim) + q . r_h[y' - y] + q . r_w[x' - x]
+  for a query at (y, x) and a key at (y', x'), where r_h (2H - 1 rows) and r_w (2W - 1 rows) are
+  learned embeddings of the height and width offsets, shared by the heads. The output is the heads'
+  softmax-weighted values side by side (`dim` channels, no output projection: the block's next
+  1x1 conv plays that role, as in BoTNet). The embeddings fix the map's size: the layer is built for
+  `feature_size` = (H, W) and any other raises ConfigError. Softmax in float32 whatever the
+  compute dtype.
+  """
+
+  def __init__(self, dim: int, feature_size: tuple[int, int], *, head_dim: int, init: str,
+               dtype=None, rngs: nnx.Rngs):
+    if dim % head_dim:
+      raise ConfigError(f'attention width {dim} is not a multiple of the head width {head_dim}')
+    self.heads, self.head_dim = dim // head_dim, head_dim
+    self.feature_size = tuple(feature_size)
+    self.dtype = dtype
+    self.qkv = conv(dim, 3 * dim, 1, use_bias=False, init=init, dtype=dtype, rngs=rngs)
+    # timm's init: a normal of std head_dim ** -0.5, cut at +-2 (absolute), as trunc_normal_.
+    std = head_dim ** -0.5
+
+    def embedding(rows):
+      return nnx.Param(std * jax.random.truncated_normal(rngs.params(), -2 / std, 2 / std,
+                                                         (rows, head_dim), jnp.float32))
+    height, width = self.feature_size
+    self.height_rel = embedding(2 * height - 1)
+    self.width_rel = embedding(2 * width - 1)
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    q, k, v = self.project(x)
+    weights = jax.nn.softmax(self.logits(q, k), axis=-1).astype(v.dtype)
+    out = jnp.einsum('bnyxk,bknd->byxnd', weights, v)
+    return out.reshape(b, h, w, c)
+
+  def project(self, x):
+    """q (batch, y, x, heads, d), k and v (batch, y * x, heads, d) from NHWC `x`."""
+    b, h, w, _ = x.shape
+    if (h, w) != self.feature_size:
+      raise ConfigError(
+          f'mhsa_last_stage: the attention was built for a {self.feature_size[0]}x'
+          f'{self.feature_size[1]} feature map (its relative position embeddings fix the size) '
+          f'but got {h}x{w}: build the network for this input size (Network(..., image_size=))')
+    q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+    shape = (b, h * w, self.heads, self.head_dim)
+    return q.reshape(b, h, w, self.heads, self.head_dim), k.reshape(shape), v.reshape(shape)
+
+  def logits(self, q, k):
+    """Attention logits (batch, heads, y, x, key), float32 at least: scaled content plus
+    (unscaled) relative position terms."""
+    content = jnp.einsum('byxnd,bknd->bnyxk', q, k) * self.head_dim ** -0.5
+    position = self.relative_logits(q).reshape(content.shape)
+    return at_least_float32(content) + at_least_float32(position)
+
+  def relative_logits(self, q):
+    """q . r_h[y' - y] + q . r_w[x' - x] as (batch, heads, y, x, y', x'), from q (b, y, x, heads,
+    d): each query's product with every offset embedding, then, per key, its offset's entry."""
+    h, w = self.feature_size
+
+    def along(table, n):
+      table = table.astype(q.dtype) if self.dtype is not None else table
+      per_offset = jnp.einsum('byxnd,rd->bnyxr', q, table)      # r: offset + n - 1
+      offset = jnp.arange(n)[None, :] - jnp.arange(n)[:, None] + n - 1   # [query, key]
+      return per_offset, offset
+
+    per_h, offset_h = along(self.height_rel[...], h)
+    per_w, offset_w = along(self.width_rel[...], w)
+    # logits_h[b, n, y, x, y'] = per_h[b, n, y, x, offset_h[y, y']] (and likewise along x).
+    logits_h = jnp.take_along_axis(per_h, offset_h[None, None, :, None, :], axis=-1)
+    logits_w = jnp.take_along_axis(per_w, offset_w[None, None, None, :, :], axis=-1)
+    return logits_h[..., :, None] + logits_w[..., None, :]
 
 
 class DropPath(nnx.Module):

@@ -1,6 +1,10 @@
-"""The configurable network: stem, four stages of `LadderBlock`s, head."""
+"""The configurable network: stem, four stages of residual blocks (`LadderBlock` unless a stage is
+given its own), head."""
 
 from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +12,37 @@ import numpy as np
 from flax import nnx
 
 from modernize.blocks import Downsample, Head, LadderBlock, Stem
-from modernize.config import NetConfig
+from modernize.config import ConfigError, NetConfig, feature_size
+
+# A stage's block: (in_dim, out_dim, *, stride, drop_path, rngs) -> module; the first block of a
+# stage gets the stage's stride (in-block downsampling), `__call__(x, *, key=None)`.
+BlockFn = Callable[..., nnx.Module]
+
+
+def last_feature_map(cfg: NetConfig, image_size: int | tuple[int, int]) -> tuple[int, int]:
+  """(H, W) of the last stage's feature map for an input of `image_size` (side or (H, W))."""
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  size = feature_size(cfg, h), feature_size(cfg, w)
+  if not all(size):
+    raise ConfigError(f'image_size={image_size!r} leaves the last stage an empty feature map')
+  return size
+
+
+def stage_blocks(cfg: NetConfig, image_size: int | tuple[int, int] = 224) -> list[BlockFn]:
+  """The block of each stage: `LadderBlock` for `cfg` everywhere; with `cfg.mhsa_last_stage`, the
+  last stage's blocks have BoTNet's global self-attention, built for that stage's feature map at
+  `image_size`, in place of the depthwise conv."""
+  blocks = [functools.partial(LadderBlock, cfg=cfg)] * len(cfg.depths)
+  if cfg.mhsa_last_stage:
+    blocks[-1] = functools.partial(LadderBlock, cfg=cfg,
+                                   attention_size=last_feature_map(cfg, image_size))
+  return blocks
 
 
 class Stage(nnx.Module):
   """An optional separate downsampling layer followed by residual blocks."""
 
-  def __init__(self, downsample: Downsample | None, blocks: list[LadderBlock]):
+  def __init__(self, downsample: Downsample | None, blocks: list[nnx.Module]):
     self.downsample = downsample if downsample is not None else nnx.data(None)
     self.blocks = nnx.List(blocks)
 
@@ -34,10 +62,19 @@ class Network(nnx.Module):
   precision).
 
   Train/eval mode: `model.train()` / `model.eval()` (BatchNorm statistics and DropPath).
+
+  `image_size` (a side, or (H, W)): the input the network is built for; only size-aware layers use
+  it (`mhsa_last_stage`'s relative position embeddings), any size fits the others. `blocks`: one
+  block constructor per stage (`BlockFn`), default `stage_blocks(cfg, image_size)`; a new kind of
+  block can be tried in a stage without editing this class.
   """
 
-  def __init__(self, cfg: NetConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: NetConfig, *, rngs: nnx.Rngs,
+               image_size: int | tuple[int, int] = 224, blocks: Sequence[BlockFn] | None = None):
     self.cfg = cfg
+    blocks = stage_blocks(cfg, image_size) if blocks is None else list(blocks)
+    if len(blocks) != len(cfg.depths):
+      raise ConfigError(f'blocks: {len(blocks)} given for {len(cfg.depths)} stages')
     self.stem = Stem(cfg, rngs=rngs)
     # Stochastic depth grows linearly over all blocks, as in the official code.
     rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
@@ -48,12 +85,12 @@ class Network(nnx.Module):
       if cfg.downsampling == 'separate' and i > 0:
         downsample, stride = Downsample(in_dim, dim, cfg, rngs=rngs), 1
         in_dim = dim
-      blocks = []
+      stage = []
       for j in range(depth):
-        blocks.append(LadderBlock(in_dim, dim, stride=stride if j == 0 else 1, cfg=cfg,
-                                  drop_path=rates.pop(0), rngs=rngs))
+        stage.append(blocks[i](in_dim, dim, stride=stride if j == 0 else 1,
+                               drop_path=rates.pop(0), rngs=rngs))
         in_dim = dim
-      stages.append(Stage(downsample, blocks))
+      stages.append(Stage(downsample, stage))
     self.stages = nnx.List(stages)
     self.head = Head(in_dim, cfg, rngs=rngs)
 
@@ -74,14 +111,16 @@ class Network(nnx.Module):
     return self.head(self.features(x, key=key)[-1])
 
 
-def create_model(cfg: NetConfig, seed: int = 0) -> Network:
-  """`Network(cfg, rngs=nnx.Rngs(seed))`, initialised by one compiled function.
+def create_model(cfg: NetConfig, seed: int = 0,
+                 image_size: int | tuple[int, int] = 224) -> Network:
+  """`Network(cfg, rngs=nnx.Rngs(seed), image_size=image_size)`, initialised by one compiled
+  function.
 
   Eager NNX init compiles a small XLA program per parameter shape (10-20 s for a ladder network on
   a small CPU); one jitted init at XLA's lowest backend optimisation level takes about a second.
   """
   def build():
-    return Network(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return Network(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1), image_size=image_size)
 
   graphdef = nnx.graphdef(nnx.eval_shape(build))
   init = jax.jit(lambda: nnx.state(build())).lower().compile(

@@ -112,7 +112,8 @@ def test_grn_side_branch_sits_on_convnext_t():
   step = LADDER.step('grn')
   assert not step.adopted and step.paper_top1 is None and step.paper_gflops is None
   assert step.note == 'ConvNeXt V2 (Woo et al. 2023), side branch'
-  assert LADDER.names()[-2:] == ['convnext_t', 'grn']
+  assert LADDER.base('grn') == 'convnext_t'
+  assert LADDER.names().index('grn') == LADDER.names().index('convnext_t') + 1
   assert LADDER.net_config('grn') == LADDER.net_config('convnext_t', use_grn=True,
                                                        layer_scale_init=0.0)
   assert LADDER.recipe('grn') == LADDER.recipe('convnext_t')

@@ -31,13 +31,13 @@ def test_full_ladder_on_smoke(tmp_path):
   assert sorted(r['step'] for r in rows) == sorted(LADDER.names())   # in the order they finished
   md = open(os.path.join(out, 'ladder.md')).read()
   table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
-  assert len(table_rows) == 18 and sum('(side)' in line for line in table_rows) == 4
+  assert len(table_rows) == 19 and sum('(side)' in line for line in table_rows) == 5
   assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
   # A second run trains nothing.
   res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side'), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
-  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 18
+  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 19
 
 
 def test_killed_ladder_resumes_without_retraining(tmp_path):
