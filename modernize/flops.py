@@ -7,6 +7,8 @@ jaxpr (no arrays are allocated) and every `conv_general_dilated` and `dot_genera
   dot:  output elements x contracted size
 Norms, activations, pooling, additions and LayerScale are not counted (as in the paper).
 Depthwise convs are traced with the plain XLA grouped conv so that they count as convs.
+Attention's two matmuls (q k^T and the weighted sum of v) are `dot_general`s too, so they count,
+as fvcore counts them for Swin's and DeiT's published FLOPs; softmax and the bias add do not.
 """
 
 from __future__ import annotations
@@ -42,11 +44,20 @@ def _jaxpr_macs(jaxpr) -> int:
 
 
 def count_macs(cfg: NetConfig, image_size: int | tuple[int, int] = 224) -> int:
-  """Multiply-accumulates of one forward pass of one image at `image_size`."""
-  from modernize.network import Network  # local: network imports the layers this module counts
+  """Multiply-accumulates of one forward pass of one image at `image_size`.
+
+  A `SwinConfig` or `ViTConfig` is built for a square `image_size` (`img_size`: their window
+  clipping and position embedding depend on it)."""
+  from modernize.network import model_class  # local: network imports the layers this counts
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-  cfg = cfg.replace(depthwise_impl='xla')
-  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0)))
+  if isinstance(cfg, NetConfig):
+    cfg = cfg.replace(depthwise_impl='xla')
+  else:
+    if h != w:
+      raise ValueError(f'{type(cfg).__name__} takes square inputs, got {h}x{w}')
+    cfg = cfg.replace(img_size=h)
+  cls = model_class(cfg)
+  model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
 
   def forward(state, x):

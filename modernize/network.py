@@ -9,6 +9,7 @@ from flax import nnx
 
 from modernize.blocks import Downsample, Head, LadderBlock, Stem
 from modernize.config import NetConfig
+from modernize.transformers import MODELS
 
 
 class Stage(nnx.Module):
@@ -74,14 +75,27 @@ class Network(nnx.Module):
     return self.head(self.features(x, key=key)[-1])
 
 
-def create_model(cfg: NetConfig, seed: int = 0) -> Network:
-  """`Network(cfg, rngs=nnx.Rngs(seed))`, initialised by one compiled function.
+def model_class(cfg) -> type[nnx.Module]:
+  """The module a config builds: `Network` for a `NetConfig`, `SwinTransformer` for a
+  `SwinConfig`, `VisionTransformer` for a `ViTConfig`."""
+  if isinstance(cfg, NetConfig):
+    return Network
+  if type(cfg) in MODELS:
+    return MODELS[type(cfg)]
+  raise TypeError(f'not a network config: {type(cfg).__name__}')
+
+
+def create_model(cfg: NetConfig, seed: int = 0) -> nnx.Module:
+  """`Network(cfg, rngs=nnx.Rngs(seed))` (or the transformer a `SwinConfig` / `ViTConfig`
+  builds), initialised by one compiled function.
 
   Eager NNX init compiles a small XLA program per parameter shape (10-20 s for a ladder network on
   a small CPU); one jitted init at XLA's lowest backend optimisation level takes about a second.
   """
+  cls = model_class(cfg)
+
   def build():
-    return Network(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return cls(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
   graphdef = nnx.graphdef(nnx.eval_shape(build))
   init = jax.jit(lambda: nnx.state(build())).lower().compile(
