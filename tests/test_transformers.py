@@ -341,3 +341,19 @@ def test_adamw_step_matches(name, dtype, eps):
         f'{diff:.3g} (largest change {moved:.3g})')
   assert moved > 0.5 * LR
   assert diff <= STEP_TOL
+
+
+def test_steps_presets_lists_the_references(monkeypatch, capsys):
+  """`python -m experiments.ladder steps --presets`: the references after the ConvNet presets
+  (here only resnet50, to stay quick), timm's parameters and MACs beside the published FLOPs."""
+  from experiments import ladder
+  from modernize import presets
+  monkeypatch.setattr(presets, 'PRESETS', {'resnet50': presets.resnet50})
+  assert ladder.main(['steps', '--presets']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in lines] == ['resnet50', 'swin_t', 'vit_s']
+  assert lines[1].split()[:4] == ['swin_t', '28,288,354', 'params', '4.491']
+  assert lines[1].endswith('(published 4.5 GFLOPs, -0.2%)')
+  assert lines[2].split()[:4] == ['vit_s', '22,050,664', 'params', '4.599']
+  assert lines[2].endswith('(published 4.6 GFLOPs, -0.0%)')
+  assert 'published' not in lines[0]
