@@ -249,6 +249,20 @@ def test_logits_match_timm(name, small):
 
 @pytest.mark.torch
 @pytest.mark.parametrize('name', ['swin_t', 'vit_s'])
+def test_layer_norm_eps_as_timm(name):
+  """Every LayerNorm's eps, in order (Swin: nn.LayerNorm's 1e-5; ViT: 1e-6). A wrong eps changes
+  the logits by far less than the tolerance, so it is checked directly."""
+  import torch
+  from modernize.layers import LayerNorm
+  ref, flags, _ = _reference(name, True)
+  theirs = [m.eps for m in ref.modules() if isinstance(m, torch.nn.LayerNorm)]
+  ours = [m.eps for _, m in nnx.iter_graph(_build(preset(name, **flags)))
+          if isinstance(m, LayerNorm)]
+  assert sorted(ours) == sorted(theirs) and len(set(theirs)) == 1
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('name', ['swin_t', 'vit_s'])
 def test_state_dict_round_trip(name):
   """timm -> ours -> timm is the identity, and timm loads it strictly."""
   import torch
