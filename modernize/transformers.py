@@ -4,8 +4,8 @@
   VisionTransformer(vit_s(), rngs=...)     timm's `vit_small_patch16_224`,        22,050,664 params
 
 Both are built from the ConvNet's layers where they share them (`LayerNorm`, `DropPath`,
-`LayerScale`, the exact GELU, `linear` and the patchify `conv`) and from two written here: `Mlp`
-(Linear, GELU, Linear) and `Attention` (multi-head self-attention over the second-last axis).
+`LayerScale`, the exact GELU and the patchify `conv`) and from two written here: `Mlp` (Linear,
+GELU, Linear) and `Attention` (multi-head self-attention over the second-last axis).
 Input NHWC at the config's `img_size` (as timm's default `strict_img_size`); patch and window size
 are configurable, so that they also run at the miniature's 28/32 pixels (timm builds the same
 network from the same keyword arguments: `img_size`, `patch_size`, `window_size`).
