@@ -11,7 +11,8 @@
 `steps` prints every step's parameters and multiply-accumulates (GMACs, the paper's "FLOPs") at
 224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11);
 `steps --side` the side branches only (kernel 5/9/11, grn, mhsa_last_stage), each beside the
-adopted step it branches from.
+adopted step it branches from; `--presets` the same for the named networks, the transformer
+references (Swin-T, ViT-S/16) beside their published GFLOPs.
 `run` trains each (step, seed) of the ladder once through `experiments.train` (finished ones, found
 in DIR/steps.csv, are skipped; an interrupted one resumes). `show` renders DIR/steps.csv as
 DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the change from the
@@ -32,12 +33,13 @@ from experiments.cli import UsageError, guarded
 from modernize import ladder as ladders
 from modernize import presets
 from modernize.flops import count_macs
-from modernize.network import Network, count_params
+from modernize.network import build, count_params
 
 
 def profile(cfg, image_size: int = 224) -> dict:
-  """Parameters and GMACs of a network config, without allocating its weights."""
-  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0), image_size=image_size))
+  """Parameters and GMACs of a network config (a ConvNet's or a transformer's), without
+  allocating its weights."""
+  model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0), image_size=image_size))
   return {'params': count_params(model), 'gmacs': count_macs(cfg, image_size) / 1e9}
 
 
@@ -83,7 +85,23 @@ def format_side(rows: list[dict]) -> str:
 
 
 def preset_rows() -> list[dict]:
-  return [{'step': name, **profile(fn())} for name, fn in presets.PRESETS.items()]
+  """The ConvNet presets, then the transformer references with their published GFLOPs."""
+  rows = [{'step': name, **profile(fn()), 'published_gflops': None}
+          for name, fn in presets.PRESETS.items()]
+  rows += [{'step': name, **profile(fn()), 'published_gflops': presets.REFERENCE_GFLOPS[name]}
+           for name, fn in presets.REFERENCES.items()]
+  return rows
+
+
+def format_presets(rows: list[dict]) -> str:
+  lines = []
+  for r in rows:
+    line = f'{r["step"]:<16} {r["params"]:>12,d} params {r["gmacs"]:>8.3f} GMACs'
+    if r['published_gflops'] is not None:
+      delta = 100 * (r['gmacs'] / r['published_gflops'] - 1)
+      line += f'  (published {r["published_gflops"]} GFLOPs, {delta:+.1f}%)'
+    lines.append(line)
+  return '\n'.join(lines)
 
 
 def _paper_flops(row: dict, mark: str) -> str:
@@ -232,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.markdown and not args.presets:
       print(markdown_steps(rows))
     elif args.presets:
-      for r in rows:
-        print(f'{r["step"]:<16} {r["params"]:>12,d} params {r["gmacs"]:>8.3f} GMACs')
+      print(format_presets(rows))
     elif args.side:
       print(format_side(rows))
     else:

@@ -11,6 +11,8 @@ Public API:
   DepthwiseConv, depthwise_conv2d  a depthwise conv that is fast on CPU too (`modernize.depthwise`)
   LADDER, LADDER_200, Ladder, Step, get_ladder   the ladders (`modernize.ladder`)
   preset, PRESETS                  ResNet-50/200, ConvNeXt T/S/B/L/XL, V2-T (`modernize.presets`)
+  REFERENCES, SwinConfig, ViTConfig, SwinTransformer, VisionTransformer
+                                   Swin-T and ViT-S/16 as timm's (`modernize.transformers`)
   count_macs                       multiply-accumulates the paper's way (`modernize.flops`)
   from_torch_state_dict            PyTorch (timm / torchvision / official) weights (`modernize.convert`)
 """
@@ -23,7 +25,8 @@ from modernize.ladder import LADDER, LADDER_200, Ladder, Step, get_ladder
 from modernize.layers import (BatchNorm, DropPath, GlobalResponseNorm, LayerNorm, LayerScale,
                               RelPosSelfAttention)
 from modernize.network import Network, count_params, create_model, stage_blocks
-from modernize.presets import PRESETS, preset
+from modernize.presets import PRESETS, REFERENCES, preset
+from modernize.transformers import SwinConfig, SwinTransformer, ViTConfig, VisionTransformer
 
 
 def from_torch_state_dict(state_dict, arch: str, **kwargs):

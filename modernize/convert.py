@@ -1,4 +1,5 @@
-"""PyTorch state dicts <-> `modernize.Network`: timm, torchvision and the official FB ConvNeXt.
+"""PyTorch state dicts <-> `modernize.Network`: timm, torchvision and the official FB ConvNeXt;
+timm's Swin-T and ViT-S/16 <-> `modernize.transformers`.
 
     model = from_torch_state_dict(torch_model.state_dict(), 'convnext_tiny')   # eval mode
     logits = model(images_nhwc)
@@ -13,6 +14,11 @@ Supported key formats (detected from the keys):
   'fb'           the official ConvNeXt repo: downsample_layers.{i}.{0,1}, stages.{i}.{j}.{dwconv,
                  norm,pwconv1,pwconv2,gamma}, norm, head; the checkpoint's outer {"model": ...}
                  is accepted too. ConvNeXt V2's official repo: grn.{gamma,beta} [1, 1, 1, C].
+  'timm' (Swin)  patch_embed.{proj,norm}, layers.{i}.downsample.{norm,reduction},
+                 layers.{i}.blocks.{j}.{norm1,attn.{relative_position_bias_table,qkv,proj},norm2,
+                 mlp.{fc1,fc2}}, norm, head.fc (arch 'swin_t'; our module names are timm's).
+  'timm' (ViT)   cls_token, pos_embed, patch_embed.proj, blocks.{j}.{norm1,attn.{qkv,proj},ls1.gamma,
+                 norm2,mlp.{fc1,fc2},ls2.gamma}, norm, head (arch 'vit_s').
 
 The number of classes is read from the classifier's weight, so fine-tuned checkpoints convert.
 Every parameter and BatchNorm statistic of the network is assigned from exactly one key; missing
@@ -34,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from modernize import presets
-from modernize.network import Network
+from modernize.network import model_class
 
 __all__ = ['FORMATS', 'detect_format', 'from_torch_state_dict', 'to_torch_state_dict']
 
@@ -47,9 +53,14 @@ _LEAF = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'mean': 'running
          'var': 'running_var'}
 
 
+_ARCHS = {**presets.PRESETS, **presets.REFERENCES}
+
+
 def _family(arch: str) -> str:
-  if arch not in presets.PRESETS:
-    raise ValueError(f'unknown arch {arch!r}; known: {sorted(presets.PRESETS)}')
+  if arch not in _ARCHS:
+    raise ValueError(f'unknown arch {arch!r}; known: {sorted(_ARCHS)}')
+  if arch in presets.REFERENCES:
+    return arch.split('_')[0]   # 'swin', 'vit'
   return 'resnet' if arch.startswith('resnet') else 'convnext'
 
 
@@ -139,7 +150,22 @@ def _fb_key(path: tuple) -> tuple[str, str]:
   return _timm_to_fb(key), 'grn_fb' if 'grn' in path else kind
 
 
-def _key_fn(fmt: str):
+def _transformer_key(path: tuple) -> tuple[str, str]:
+  """timm's Swin and ViT names: ours are the same module names, with flax's leaf names."""
+  *modules, leaf = (str(p) for p in path)
+  if leaf == 'scale' and modules[-1] in ('ls1', 'ls2'):   # our LayerScale, timm's gamma
+    name = 'gamma'
+  else:
+    name = _LEAF.get(leaf, leaf)   # relative_position_bias_table, cls_token, pos_embed: as is
+  kind = 'vector'
+  if leaf == 'kernel':
+    kind = 'conv' if modules[-2:] == ['patch_embed', 'proj'] else 'linear'
+  return '.'.join(modules + [name]), kind
+
+
+def _key_fn(fmt: str, family: str = ''):
+  if family in ('swin', 'vit'):
+    return _transformer_key
   if fmt == 'torchvision':
     return _resnet_key
   if fmt == 'timm':
@@ -200,9 +226,20 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return sd
 
 
-def detect_format(keys) -> str:
-  """'torchvision' (ResNet, timm's too), 'timm' (ConvNeXt) or 'fb' (official ConvNeXt)."""
+def detect_family(keys) -> str | None:
+  """'swin' or 'vit' for timm's transformer keys, else None (a ConvNet's)."""
   keys = list(keys)
+  if any(k.startswith('patch_embed.') for k in keys):
+    return 'swin' if any(k.startswith('layers.') for k in keys) else 'vit'
+  return None
+
+
+def detect_format(keys) -> str:
+  """'torchvision' (ResNet, timm's too), 'timm' (ConvNeXt, Swin, ViT) or 'fb' (official
+  ConvNeXt)."""
+  keys = list(keys)
+  if detect_family(keys):
+    return 'timm'
   if any(k.startswith('downsample_layers.') for k in keys):
     return 'fb'
   if any(k.startswith(('stem.', 'stages.')) for k in keys):
@@ -215,6 +252,8 @@ def detect_format(keys) -> str:
 
 
 _HEAD = {'torchvision': 'fc.weight', 'timm': 'head.fc.weight', 'fb': 'head.weight'}
+_NAMES = {'resnet': 'a ResNet', 'convnext': 'a ConvNeXt', 'swin': 'a Swin Transformer',
+          'vit': 'a ViT'}
 
 
 def _natural(key: str):
@@ -229,10 +268,11 @@ def _listing(names) -> str:
 
 
 def _make(cfg, seed: int):
-  return lambda: Network(cfg, rngs=nnx.Rngs(seed))
+  cls = model_class(cfg)
+  return lambda: cls(cfg, rngs=nnx.Rngs(seed))
 
 
-def _fill_rng_state(model: Network, cfg, seed: int) -> None:
+def _fill_rng_state(model: nnx.Module, cfg, seed: int) -> None:
   """Makes the abstract model's non-parameter state (DropPath's RNG streams) concrete."""
   if jax.tree.leaves(nnx.state(model, nnx.Not(_STATE))):
     # Built under jit, where XLA drops the unused parameter inits: no random init is paid for.
@@ -242,16 +282,18 @@ def _fill_rng_state(model: Network, cfg, seed: int) -> None:
 # --- public API -----------------------------------------------------------------------------------
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str, *, seed: int = 0,
-                          **overrides) -> Network:
-  """Builds `arch` ('resnet50', 'convnext_tiny', ... 'convnextv2_tiny') from a PyTorch state dict.
+                          **overrides) -> nnx.Module:
+  """Builds `arch` ('resnet50', 'convnext_tiny', ... 'convnextv2_tiny'; 'swin_t', 'vit_s') from a
+  PyTorch state dict.
 
   Args:
     state_dict: a timm, torchvision or official-FB state dict (torch tensors or numpy arrays),
       or a checkpoint holding one under "model".
-    arch: a `modernize.presets` name.
+    arch: a `modernize.presets` name (`PRESETS` or `REFERENCES`).
     seed: seeds the RNG streams of DropPath (only used when training the converted model).
-    **overrides: `NetConfig` flags passed to the preset, e.g. `drop_path_rate=0.0` or
-      `depthwise_impl='xla'`. `num_classes` is inferred from the classifier weight.
+    **overrides: config flags passed to the preset, e.g. `drop_path_rate=0.0` or
+      `depthwise_impl='xla'`; for timm's Swin / ViT built with other `img_size`, `patch_size`
+      or `window_size`, the same values. `num_classes` is inferred from the classifier weight.
 
   Returns:
     The network in eval mode.
@@ -263,11 +305,12 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str, *, seed: int
   family = _family(arch)
   sd = _unwrap(state_dict)
   fmt = detect_format(sd)
-  if (fmt == 'torchvision') != (family == 'resnet'):
-    kind = 'a ResNet' if fmt == 'torchvision' else 'a ConvNeXt'
-    raise ValueError(f'the state dict holds {kind} ({fmt} keys) but arch={arch!r}')
-  if 'num_classes' not in overrides and _HEAD[fmt] in sd:
-    head = _as_numpy(sd[_HEAD[fmt]])
+  held = detect_family(sd) or ('resnet' if fmt == 'torchvision' else 'convnext')
+  if held != family:
+    raise ValueError(f'the state dict holds {_NAMES[held]} ({fmt} keys) but arch={arch!r}')
+  head_key = 'head.weight' if family == 'vit' else _HEAD[fmt]
+  if 'num_classes' not in overrides and head_key in sd:
+    head = _as_numpy(sd[head_key])
     if head.ndim == 2:
       overrides['num_classes'] = int(head.shape[0])
   # preset(arch).replace(...) rather than preset(arch, **overrides): the ConvNeXt presets pass
@@ -275,7 +318,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str, *, seed: int
   cfg = presets.preset(arch).replace(**overrides)
   model = nnx.eval_shape(_make(cfg, seed))  # shapes only: the weights come from sd
 
-  key_fn = _key_fn(fmt)
+  key_fn = _key_fn(fmt, family)
   remaining = dict(sd)
   missing, mismatched, unnamed, assigned = [], [], [], {}
   for path, var in nnx.to_flat_state(nnx.state(model, _STATE)):
@@ -313,14 +356,15 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str, *, seed: int
   return model
 
 
-def to_torch_state_dict(model: Network, arch: str, format: str = 'timm', *,
+def to_torch_state_dict(model: nnx.Module, arch: str, format: str = 'timm', *,
                         tensors: str = 'torch') -> dict[str, Any]:
   """The inverse of `from_torch_state_dict`: a state dict PyTorch's model `arch` loads.
 
   Args:
-    model: a `Network` built for `arch`.
+    model: a `Network` (or Swin / ViT) built for `arch`.
     arch: a `modernize.presets` name.
-    format: 'timm', 'torchvision' (ResNet key names are shared by the two) or 'fb' (ConvNeXt).
+    format: 'timm', 'torchvision' (ResNet key names are shared by the two) or 'fb' (ConvNeXt);
+      Swin and ViT: 'timm' only.
     tensors: 'torch' (float32 CPU tensors; imports torch) or 'numpy'.
 
   BatchNorm `num_batches_tracked` buffers are not written; `load_state_dict` fills them in.
@@ -332,11 +376,14 @@ def to_torch_state_dict(model: Network, arch: str, format: str = 'timm', *,
     if format == 'fb':
       raise ValueError("format='fb' is for ConvNeXt; ResNets use 'timm' or 'torchvision'")
     format = 'torchvision'
+  elif family in ('swin', 'vit'):
+    if format != 'timm':
+      raise ValueError(f"{arch} is written in timm's format only (format='timm')")
   elif format == 'torchvision':
     raise ValueError("format='torchvision' is for ResNets; ConvNeXt uses 'timm' or 'fb'")
   if tensors not in ('torch', 'numpy'):
     raise ValueError(f"tensors must be 'torch' or 'numpy', got {tensors!r}")
-  key_fn = _key_fn(format)
+  key_fn = _key_fn(format, family)
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model, _STATE)):
     key, kind = key_fn(path)

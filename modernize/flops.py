@@ -6,7 +6,8 @@ jaxpr (no arrays are allocated) and every `conv_general_dilated` and `dot_genera
   conv: output elements x kernel height x kernel width x input channels per group
   dot:  output elements x contracted size
 Norms, activations, pooling, additions and LayerScale are not counted (as in the paper); softmax is
-not, but attention's products are dots (q.k, q.r, weights.v) and count as such.
+not, but attention's products are dots (q.k, q.r, weights.v) and count as such, as fvcore counts
+Swin's and DeiT's for their published FLOPs.
 Depthwise convs are traced with the plain XLA grouped conv so that they count as convs.
 """
 
@@ -42,12 +43,20 @@ def _jaxpr_macs(jaxpr) -> int:
   return total
 
 
-def count_macs(cfg: NetConfig, image_size: int | tuple[int, int] = 224) -> int:
-  """Multiply-accumulates of one forward pass of one image at `image_size`."""
-  from modernize.network import Network  # local: network imports the layers this module counts
+def count_macs(cfg, image_size: int | tuple[int, int] = 224) -> int:
+  """Multiply-accumulates of one forward pass of one image at `image_size`.
+
+  A `SwinConfig` or `ViTConfig` is built for a square `image_size` (`img_size`: their window
+  clipping and position embedding depend on it)."""
+  from modernize.network import build  # local: network imports the layers this module counts
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-  cfg = cfg.replace(depthwise_impl='xla')
-  model = nnx.eval_shape(lambda: Network(cfg, rngs=nnx.Rngs(0), image_size=(h, w)))
+  if isinstance(cfg, NetConfig):
+    cfg = cfg.replace(depthwise_impl='xla')
+  else:
+    if h != w:
+      raise ValueError(f'{type(cfg).__name__} takes square inputs, got {h}x{w}')
+    cfg = cfg.replace(img_size=h)
+  model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0), image_size=(h, w)))
   graphdef, state = nnx.split(model)
 
   def forward(state, x):

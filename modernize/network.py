@@ -13,6 +13,7 @@ from flax import nnx
 
 from modernize.blocks import Downsample, Head, LadderBlock, Stem
 from modernize.config import ConfigError, NetConfig, feature_size
+from modernize.transformers import MODELS
 
 # A stage's block: (in_dim, out_dim, *, stride, drop_path, rngs) -> module; the first block of a
 # stage gets the stage's stride (in-block downsampling), `__call__(x, *, key=None)`.
@@ -111,19 +112,37 @@ class Network(nnx.Module):
     return self.head(self.features(x, key=key)[-1])
 
 
-def create_model(cfg: NetConfig, seed: int = 0,
-                 image_size: int | tuple[int, int] = 224) -> Network:
-  """`Network(cfg, rngs=nnx.Rngs(seed), image_size=image_size)`, initialised by one compiled
-  function.
+def model_class(cfg) -> type[nnx.Module]:
+  """The module a config builds: `Network` for a `NetConfig`, `SwinTransformer` for a
+  `SwinConfig`, `VisionTransformer` for a `ViTConfig`."""
+  if isinstance(cfg, NetConfig):
+    return Network
+  if type(cfg) in MODELS:
+    return MODELS[type(cfg)]
+  raise TypeError(f'not a network config: {type(cfg).__name__}')
+
+
+def build(cfg, *, rngs: nnx.Rngs, image_size: int | tuple[int, int] = 224) -> nnx.Module:
+  """The module `cfg` describes: a `Network` built for `image_size`, or the transformer a
+  `SwinConfig` / `ViTConfig` describes (its input size is its config's `img_size`)."""
+  cls = model_class(cfg)
+  if cls is Network:
+    return Network(cfg, rngs=rngs, image_size=image_size)
+  return cls(cfg, rngs=rngs)
+
+
+def create_model(cfg, seed: int = 0, image_size: int | tuple[int, int] = 224) -> nnx.Module:
+  """`build(cfg, rngs=nnx.Rngs(seed), image_size=image_size)` (a `Network`, or the transformer a
+  `SwinConfig` / `ViTConfig` builds), initialised by one compiled function.
 
   Eager NNX init compiles a small XLA program per parameter shape (10-20 s for a ladder network on
   a small CPU); one jitted init at XLA's lowest backend optimisation level takes about a second.
   """
-  def build():
-    return Network(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1), image_size=image_size)
+  def make():
+    return build(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1), image_size=image_size)
 
-  graphdef = nnx.graphdef(nnx.eval_shape(build))
-  init = jax.jit(lambda: nnx.state(build())).lower().compile(
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  init = jax.jit(lambda: nnx.state(make())).lower().compile(
       compiler_options={'xla_backend_optimization_level': 0})
   return nnx.merge(graphdef, init())
 

@@ -1,4 +1,6 @@
-"""Named networks: the two ResNets the ladders start from, ConvNeXt T/S/B/L/XL and ConvNeXt V2-T.
+"""Named networks: the two ResNets the ladders start from, ConvNeXt T/S/B/L/XL and ConvNeXt V2-T
+(`PRESETS`, each a `NetConfig` for `Network`), and the paper's transformer references Swin-T and
+ViT-S/16 (`REFERENCES`, a `SwinConfig` / `ViTConfig` each, `modernize.transformers`).
 
 Drop-path rates are the paper's ImageNet-1K ones (Table 5: T/S/B/L = 0.1/0.4/0.5/0.5; XL, trained on
 ImageNet-22K only in the paper, takes L's; V2-T keeps T's); pass `drop_path_rate=` to change them.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 from modernize.blocks import CONVNEXT_BLOCK
 from modernize.config import ConfigError, NetConfig
+from modernize.transformers import swin_t, vit_s
 
 
 def resnet50(**overrides) -> NetConfig:
@@ -45,7 +48,18 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> NetConfig:
-  if name not in PRESETS:
-    raise ConfigError(f'unknown architecture {name!r}; known: {sorted(PRESETS)}')
-  return PRESETS[name](**overrides)
+# The transformers the paper compares against (Tables 1 and 3); not `Network`s.
+REFERENCES = {'swin_t': swin_t, 'vit_s': vit_s}
+# Their published FLOPs at 224x224 (multiply-accumulates, as fvcore counts them): Swin paper
+# Table 1 (Swin-T 4.5G) and DeiT paper Table 1 (DeiT-S 4.6G), repeated in the ConvNeXt paper's
+# Table 1.
+REFERENCE_GFLOPS = {'swin_t': 4.5, 'vit_s': 4.6}
+
+
+def preset(name: str, **overrides):
+  """The config of a named network: a `NetConfig` for a `PRESETS` name, a `SwinConfig` or
+  `ViTConfig` for a `REFERENCES` one."""
+  known = {**PRESETS, **REFERENCES}
+  if name not in known:
+    raise ConfigError(f'unknown architecture {name!r}; known: {sorted(known)}')
+  return known[name](**overrides)
