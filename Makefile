@@ -45,12 +45,15 @@ $(FMNIST):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
 
+# Two worker processes (pytest-xdist): much of a test's time is one-threaded (compiling,
+# starting a subprocess), so two at a time use two cores better than one does.
+TEST_WORKERS ?= 2
 test: venv data
-	$(BIN)/python -m pytest tests -q -ra --durations=15
+	$(BIN)/python -m pytest tests -q -ra --durations=25 -n $(TEST_WORKERS) --dist worksteal
 
 # Without the PyTorch reference tests.
 test-fast: venv data
-	$(BIN)/python -m pytest tests -q -ra -m 'not torch'
+	$(BIN)/python -m pytest tests -q -ra -m 'not torch' -n $(TEST_WORKERS) --dist worksteal
 
 # Deliberate bugs, one at a time, in a scratch copy: every one must make its tests fail.
 mutate: venv data

@@ -25,7 +25,8 @@ EXTRAS = {
     # PyTorch references (parity tests, benchmarks) and weight conversion from torch checkpoints.
     'torch': ['torch==2.14.1', 'torchvision==0.29.1', 'timm>=1.0.31,<1.1'],
 }
-EXTRAS['test'] = ['pytest>=8,<10'] + EXTRAS['data'] + EXTRAS['plot'] + EXTRAS['torch']
+# pytest-xdist: `make test` runs the suite on two worker processes.
+EXTRAS['test'] = ['pytest>=8,<10', 'pytest-xdist>=3.6,<4'] + EXTRAS['data'] + EXTRAS['plot'] + EXTRAS['torch']
 EXTRAS['all'] = EXTRAS['test']
 
 setup(

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from experiments import ladder_view, steptable
+from experiments import ladder_run, ladder_view, steptable
 from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,23 +21,35 @@ def ladder_cmd(*args):
 
 
 def test_full_ladder_on_smoke(tmp_path):
-  """Every step of the main ladder, side branches included, trains and the view renders it."""
+  """Every adopted step of the main ladder trains and the view renders it. (Each side branch's
+  network trains in tests/test_network.py; their rows in the view: test_show_partial_...)"""
   out = str(tmp_path / 'ladder')
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side', '--show',
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--show',
                                   '--jobs', str(min(2, len(os.sched_getaffinity(0))))),
                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = steptable.read_rows(os.path.join(out, 'steps.csv'))
-  assert sorted(r['step'] for r in rows) == sorted(LADDER.names())   # in the order they finished
+  adopted = LADDER.names(include_side=False)
+  assert sorted(r['step'] for r in rows) == sorted(adopted)   # in the order they finished
   md = open(os.path.join(out, 'ladder.md')).read()
   table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
-  assert len(table_rows) == 19 and sum('(side)' in line for line in table_rows) == 5
+  assert len(table_rows) == len(adopted) == 14 and not any('(side)' in l for l in table_rows)
   assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
   # A second run trains nothing.
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--side'), cwd=ROOT,
+  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke'), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
-  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 19
+  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 14
+
+
+def test_plan_takes_side_branches_with_side_or_by_name():
+  side = [n for n in LADDER.names() if n not in LADDER.names(include_side=False)]
+  assert set(side) == {'kernel_5', 'kernel_9', 'kernel_11', 'grn', 'mhsa_last_stage'}
+  assert [s for s, _ in ladder_run.plan('resnet50', None, 1, False)] == \
+      LADDER.names(include_side=False)
+  assert [s for s, _ in ladder_run.plan('resnet50', None, 1, True)] == LADDER.names()
+  assert ladder_run.plan('resnet50', ['grn', 'resnet50'], 2, False) == [
+      ('resnet50', 0), ('resnet50', 1), ('grn', 0), ('grn', 1)]   # ladder order
 
 
 def test_killed_ladder_resumes_without_retraining(tmp_path):
