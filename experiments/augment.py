@@ -17,8 +17,9 @@ Design:
   official code): RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 tries then a centre crop),
   horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` (2 layers, each op applied with p 0.5, magnitude
   ~ N(9, 0.5) clipped to [0, 10], the 'increasing' op set), and, after normalisation, Random Erasing
-  (p 0.25, mode 'pixel': per-pixel N(0, 1) noise, area (0.02, 1/3), aspect (0.3, 1/0.3), one box).
-  The pixel ops are our own numpy code, checked against PIL's
+  (p 0.25, mode 'pixel': per-pixel N(0, 1) noise, area (0.02, 1/3), aspect (0.3, 1/0.3), one box;
+  the boxes and a noise key per image are drawn here, `erasing_params`, and the erasing happens on
+  the device, `pipeline.model_input`). The pixel ops are our own numpy code, checked against PIL's
   ImageOps / ImageEnhance (which timm's ops call): equal, or within 1 grey level; the warps are
   PIL's Image.transform itself, with the matrices timm's ops build. Magnitudes map to arguments
   as in timm's increasing variant:
@@ -640,30 +641,14 @@ def erasing_boxes(keys: np.ndarray, height: int, width: int, prob: float,
   return boxes, erase
 
 
-def random_erasing(images: np.ndarray, keys: np.ndarray, prob: float = 0.25,
-                   area=(0.02, 1.0 / 3.0), min_aspect: float = 0.3) -> np.ndarray:
-  """Random Erasing, mode 'pixel': one box per image (with `prob`) filled with N(0, 1) noise.
-
-  images: (B, H, W, C) float32, already normalised. Returns a new array.
-  """
-  if prob <= 0:
-    return images
-  b, h, w, c = images.shape
-  boxes, erase = erasing_boxes(keys, h, w, prob, area, min_aspect)
-  chosen = np.flatnonzero(erase)
-  out = images.copy()
-  if not chosen.size:
-    return out
-  # Noise value j of an erased image is Box-Muller of hashes (key, stream, 2j) and (key, stream, 2j+1),
-  # drawn for all erased images at once.
-  counts = boxes[chosen, 2] * boxes[chosen, 3] * c
-  starts = np.cumsum(counts) - counts
-  j = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
-  k = hash_combine(np.repeat(np.asarray(keys, np.uint64)[chosen], counts), STREAM_ERASE_NOISE)
-  u = (hash_combine(k, np.stack([2 * j, 2 * j + 1])) >> np.uint64(11)).astype(np.float64)
-  noise = normal_from_uniform(u[0] * (1.0 / (1 << 53)), u[1] * (1.0 / (1 << 53)))
-  noise = noise.astype(images.dtype)
-  for i, start, count in zip(chosen, starts, counts):
-    top, left, eh, ew = (int(v) for v in boxes[i])
-    out[i, top:top + eh, left:left + ew, :] = noise[start:start + count].reshape(eh, ew, c)
-  return out
+def erasing_params(keys: np.ndarray, height: int, width: int, prob: float,
+                   area=(0.02, 1.0 / 3.0), min_aspect: float = 0.3) -> dict[str, np.ndarray]:
+  """Random Erasing as batch data for the device (`pipeline.model_input` erases there):
+  'erase_box' int32 (B, 4) (top, left, height, width), all zero where the image is not erased, and
+  'erase_key' uint32 (B, 2), the threefry key of the image's noise: the hash
+  (key, STREAM_ERASE_NOISE) split into its high and low words. Both are pure functions of the example keys."""
+  boxes, erase = erasing_boxes(keys, height, width, prob, area, min_aspect)
+  boxes = np.where(erase[:, None], boxes, 0).astype(np.int32)
+  h = random_bits(keys, STREAM_ERASE_NOISE, 1)[:, 0]
+  words = np.stack([h >> np.uint64(32), h & np.uint64(0xFFFFFFFF)], -1).astype(np.uint32)
+  return {'erase_box': boxes, 'erase_key': words}

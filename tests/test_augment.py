@@ -258,25 +258,24 @@ def test_rand_augment_changes_most_images():
 
 # --- Random Erasing -------------------------------------------------------------------------------
 
-def test_random_erasing():
-  x = np.full((300, 32, 32, 3), 5.0, np.float32)
-  keys = A.example_keys(0, np.arange(300))
-  out = A.random_erasing(x, keys, prob=1.0)
-  assert out.dtype == np.float32 and out.shape == x.shape
-  changed = out != 5.0
-  assert changed.any(axis=(1, 2, 3)).all()
-  for img, ch in zip(out, changed):
-    rows, cols = np.nonzero(ch.any(-1))
-    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert ch.sum() == h * w * 3                       # one full rectangle, all channels
-    assert 0.015 <= h * w / 1024 <= 0.34
-  noise = out[changed]
-  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
-  assert np.array_equal(out, A.random_erasing(x, keys, prob=1.0))
-  assert A.random_erasing(x, keys, prob=0.0) is x
-  some = A.random_erasing(x, keys, prob=0.25)
-  frac = (some != 5.0).any(axis=(1, 2, 3)).mean()
-  assert 0.15 < frac < 0.35
+def test_erasing_params():
+  """The boxes and noise keys the device erases with (`pipeline.model_input`; tested there too)."""
+  keys = A.example_keys(0, np.arange(3000))
+  p = A.erasing_params(keys, 32, 32, prob=1.0)
+  box, key = p['erase_box'], p['erase_key']
+  assert box.dtype == np.int32 and box.shape == (3000, 4)
+  assert key.dtype == np.uint32 and key.shape == (3000, 2)
+  top, left, h, w = box.T
+  assert (h > 0).all() and (w > 0).all() and (top >= 0).all() and (left >= 0).all()
+  assert (top + h <= 32).all() and (left + w <= 32).all()
+  assert 0.015 <= (h * w / 1024).min() and (h * w / 1024).max() <= 0.35   # (0.02, 1/3), rounded
+  assert len(np.unique(key, axis=0)) == 3000
+  again = A.erasing_params(keys, 32, 32, prob=1.0)
+  assert all(np.array_equal(p[k], again[k]) for k in p)
+  some = A.erasing_params(keys, 32, 32, prob=0.25)['erase_box']
+  erased = some[:, 2] > 0
+  assert 0.2 < erased.mean() < 0.3 and (some[~erased] == 0).all()
+  np.testing.assert_array_equal(some[erased], box[erased])   # the same draw, kept or not
 
 
 # --- configuration --------------------------------------------------------------------------------
