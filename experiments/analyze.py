@@ -220,9 +220,11 @@ def split_batches(runs: list[Run], batch_size: int) -> Iterator[tuple]:
   iterators = [pipeline.eval_batches(name, data_dir=data_dir or None, batch_size=batch_size,
                                      image_size=size, channels=channels)
                for name, data_dir, size, channels in keys]
+  specs = [pipeline.input_spec(name, data_dir or None, channels)
+           for name, data_dir, _, channels in keys]
   for batches in zip(*iterators):
-    yield ({k: b['image'] for k, b in zip(keys, batches)}, batches[0]['label'],
-           batches[0]['mask'])
+    yield ({k: np.asarray(pipeline.model_input(b, spec))
+            for k, b, spec in zip(keys, batches, specs)}, batches[0]['label'], batches[0]['mask'])
 
 
 def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:

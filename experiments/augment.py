@@ -1,8 +1,10 @@
 """Training-time image augmentations on batches of uint8 NHWC numpy arrays, with a stateless RNG.
 
 Design:
-* **Batched numpy.** Every op takes a batch `(B, H, W, C)` uint8 and per-image parameters `(B,)`, and
-  runs as a handful of vectorised numpy calls over the batch. RandAugment groups the images of a batch
+* **Batched numpy, PIL for the warps.** Every op takes a batch `(B, H, W, C)` uint8 and per-image
+  parameters `(B,)`, and runs as a handful of vectorised numpy calls over the batch, except the
+  geometric RandAugment ops, which are PIL's C `Image.transform` per image (~10x faster than a numpy
+  gather at 224px, and it releases the GIL). RandAugment groups the images of a batch
   by the op they drew and applies each op once per group. For 28x28 / 32x32 images this is 10-50x
   faster than a per-image Python loop (numpy call overhead dominates small images), and numpy releases
   the GIL on large arrays, so ImageNet-sized batches parallelise over threads.
@@ -15,15 +17,17 @@ Design:
   official code): RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 tries then a centre crop),
   horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` (2 layers, each op applied with p 0.5, magnitude
   ~ N(9, 0.5) clipped to [0, 10], the 'increasing' op set), and, after normalisation, Random Erasing
-  (p 0.25, mode 'pixel': per-pixel N(0, 1) noise, area (0.02, 1/3), aspect (0.3, 1/0.3), one box).
-  The ops are our own numpy code, checked against PIL's ImageOps / ImageEnhance / Image.transform
-  (which timm's ops call): equal, or within 1 grey level for the warps. Magnitudes map to arguments
+  (p 0.25, mode 'pixel': per-pixel N(0, 1) noise, area (0.02, 1/3), aspect (0.3, 1/0.3), one box;
+  the boxes and a noise key per image are drawn here, `erasing_params`, and the erasing happens on
+  the device, `pipeline.model_input`). The pixel ops are our own numpy code, checked against PIL's
+  ImageOps / ImageEnhance (which timm's ops call): equal, or within 1 grey level; the warps are
+  PIL's Image.transform itself, with the matrices timm's ops build. Magnitudes map to arguments
   as in timm's increasing variant:
   rotate 30 deg, shear 0.3, translate 0.45 x image size, enhance factors 1 +- 0.9, posterize
   4 -> 0 bits kept (so posterize at magnitude 0 still keeps only 4 bits, as in timm), solarize threshold
   256 -> 0, solarize-add 0 -> 110. Geometric RandAugment ops sample bilinearly (timm uses the
   configured interpolation, bicubic in the ConvNeXt code) and fill with the data set mean colour.
-  Resizing is PIL's antialiased bicubic (separable, horizontal pass first, rounded in between).
+  Resizing is PIL's antialiased bicubic `Image.resize(box=)` itself.
 * **Grayscale.** Ops work for any channel count: colour (saturation) is the identity on one channel,
   contrast uses the mean luma (the mean itself for one channel). The data pipeline runs these ops on
   the stored channels and replicates a grayscale image to 3 channels only after normalisation.
@@ -32,7 +36,6 @@ Design:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -176,62 +179,48 @@ class AugmentConfig:
 
 # --- resizing and crops ---------------------------------------------------------------------------
 
-def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
-  x = np.abs(x)
-  return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
-                  np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+_PIL_MODES = {1: 'L', 3: 'RGB'}
 
 
-def _triangle(x: np.ndarray) -> np.ndarray:
-  return np.maximum(0.0, 1.0 - np.abs(x))
-
-
-_KERNELS = {'bicubic': (_bicubic, 2.0), 'bilinear': (_triangle, 1.0)}
-
-
-def resize_weights(in_size: int, out_size: int, start, length, kernel: str = 'bicubic') -> np.ndarray:
-  """(B, out_size, in_size) interpolation matrices mapping [start, start + length) to out_size pixels.
-
-  PIL's convention: pixel i covers [i, i + 1); when shrinking, the kernel is stretched by the scale
-  (antialiasing); taps outside the image are dropped and the weights renormalised.
-  """
-  fn, support = _KERNELS[kernel]
-  start = np.asarray(start, np.float64).reshape(-1)
-  length = np.broadcast_to(np.asarray(length, np.float64).reshape(-1), start.shape)
-  pairs, inverse = np.unique(np.stack([start, length], -1), axis=0, return_inverse=True)
-  if len(pairs) < len(start):  # e.g. the same box for the whole batch: compute each matrix once
-    return resize_weights(in_size, out_size, pairs[:, 0], pairs[:, 1], kernel)[inverse.reshape(-1)]
-  start = start.reshape(-1, 1, 1)
-  scale = length.reshape(-1, 1, 1) / out_size
-  filter_scale = np.maximum(scale, 1.0)
-  centers = start + (np.arange(out_size, dtype=np.float64)[None, :, None] + 0.5) * scale
-  taps = np.arange(in_size, dtype=np.float64)[None, None, :] + 0.5
-  dist = (taps - centers) / filter_scale
-  w = np.where(np.abs(dist) < support, fn(dist), 0.0)
-  total = w.sum(-1, keepdims=True)
-  # A box with no tap inside the image (cannot happen for valid boxes): fall back to nearest.
-  nearest = np.clip(np.floor(centers), 0, in_size - 1)
-  w = np.where(total > 0, w / np.where(total > 0, total, 1.0),
-               (np.arange(in_size)[None, None, :] == nearest).astype(np.float64))
-  return w.astype(np.float32)
+def _per_pil_image(x: np.ndarray, fn) -> np.ndarray:
+  """fn(PIL image, i) -> PIL image, applied to every image of x (B, H, W, C) uint8: as 'L' or 'RGB'
+  images, or one 'L' image per channel for other channel counts. Returns (B, H', W', C) uint8."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  b, c = len(x), x.shape[-1]
+  planes = [x] if c in _PIL_MODES else [x[..., k:k + 1] for k in range(c)]
+  outs = []
+  for plane in planes:
+    k = plane.shape[-1]
+    images = []
+    for i in range(b):
+      image = np.ascontiguousarray(plane[i])
+      images.append(np.asarray(fn(Image.fromarray(image[..., 0] if k == 1 else image,
+                                                  _PIL_MODES[k]), i)))
+    outs.append(np.stack(images).reshape(b, *images[0].shape[:2], k) if b else
+                np.empty((0,) + plane.shape[1:], np.uint8))
+  return outs[0] if len(outs) == 1 else np.concatenate(outs, -1)
 
 
 def resize_boxes(images: np.ndarray, boxes: np.ndarray, out_size: int,
                  kernel: str = 'bicubic') -> np.ndarray:
-  """Crops each image to its box and resizes it to (out_size, out_size), as one batched matmul pair.
+  """Crops each image to its box and resizes it to (out_size, out_size): PIL's
+  `Image.resize(size, resample, box=...)` per image (antialiased when shrinking; C code that
+  releases the GIL).
 
   images: (B, H, W, C) uint8; boxes: (B, 4) float (top, left, height, width) in source pixels.
-  Semantics of PIL's `Image.resize(size, resample, box=...)` (antialiased when shrinking).
   """
-  b, h, w, c = images.shape
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  b, _, _, c = images.shape
   s = out_size
-  boxes = np.asarray(boxes, np.float64).reshape(b, 4)
-  wy = resize_weights(h, s, boxes[:, 0], boxes[:, 2], kernel)  # (B, S, H)
-  wx = resize_weights(w, s, boxes[:, 1], boxes[:, 3], kernel)  # (B, S, W)
-  # As PIL: the horizontal pass first, rounded to uint8, then the vertical pass.
-  x = _to_uint8(np.matmul(wx[:, None], images.astype(np.float32)))   # (B, H, S, C)
-  x = np.matmul(wy, x.reshape(b, h, s * c).astype(np.float32))        # (B, S, S * C)
-  return _to_uint8(x).reshape(b, s, s, c)
+  boxes = np.asarray(boxes, np.float64).reshape(b, 4).tolist()
+  resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}[kernel]
+  if not b:
+    return np.empty((0, s, s, c), np.uint8)
+
+  def fn(im, i):
+    top, left, height, width = boxes[i]
+    return im.resize((s, s), resample, box=(left, top, left + width, top + height))
+  return _per_pil_image(images, fn)
 
 
 def resize(images: np.ndarray, out_size: int, crop_pct: float = 1.0,
@@ -323,10 +312,6 @@ def random_hflip(images: np.ndarray, keys: np.ndarray) -> np.ndarray:
 # --- RandAugment ops (batched; per-image parameters of shape (B,)) ---------------------------------
 
 MAX_LEVEL = 10.0
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def _col(v, n: int) -> np.ndarray:
@@ -441,43 +426,28 @@ def sharpness(x: np.ndarray, factor) -> np.ndarray:
   return _blend(smooth, x, factor)
 
 
-@functools.lru_cache(maxsize=16)
-def _pixel_centres(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-  ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing='ij')
-  return ys, xs
-
-
 def affine(x: np.ndarray, matrices: np.ndarray, fill) -> np.ndarray:
-  """Bilinear warp with PIL's `Image.transform(size, AFFINE, data)` semantics.
+  """Bilinear warp: PIL's `Image.transform(size, AFFINE, data, BILINEAR, fillcolor=fill)` per image
+  (PIL's C code, which releases the GIL, so worker threads warp in parallel).
 
   matrices: (B, 2, 3); output pixel (col, row) samples the input at M @ (col + 0.5, row + 0.5, 1) in
   continuous coordinates (pixel i spans [i, i + 1)). Points outside [0, W) x [0, H) take `fill`
-  (a scalar or one value per channel); inside, bilinear with edge clamping.
+  (a scalar or one value per channel, rounded to integers); inside, bilinear with edge clamping.
   """
+  from PIL import Image  # pylint: disable=import-outside-toplevel
   b, h, w, c = x.shape
-  m = np.asarray(matrices, np.float64).reshape(b, 2, 3)
-  ys, xs = _pixel_centres(h, w)
-  sx = m[:, 0, 0, None, None] * xs + m[:, 0, 1, None, None] * ys + m[:, 0, 2, None, None]
-  sy = m[:, 1, 0, None, None] * xs + m[:, 1, 1, None, None] * ys + m[:, 1, 2, None, None]
-  inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-  sx = np.clip(sx - 0.5, 0, w - 1).astype(np.float32)
-  sy = np.clip(sy - 0.5, 0, h - 1).astype(np.float32)
-  x0 = np.minimum(np.floor(sx), w - 2 if w > 1 else 0).astype(np.intp)
-  y0 = np.minimum(np.floor(sy), h - 2 if h > 1 else 0).astype(np.intp)
-  fx = (sx - x0)[..., None]
-  fy = (sy - y0)[..., None]
-  x1 = np.minimum(x0 + 1, w - 1)
-  y1 = np.minimum(y0 + 1, h - 1)
-  # The four neighbours of every output pixel in one gather over the flattened batch.
-  base = (np.arange(b, dtype=np.intp) * (h * w)).reshape(b, 1, 1)
-  corners = np.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1]) + base
-  g = x.reshape(b * h * w, c)[corners.reshape(-1)].astype(np.float32).reshape(4, b, h, w, c)
-  top = g[0] * (1 - fx) + g[1] * fx
-  bottom = g[2] * (1 - fx) + g[3] * fx
-  out = top * (1 - fy) + bottom * fy
-  fill = np.broadcast_to(np.asarray(fill, np.float32), (c,))
-  out = np.where(inside[..., None], out, fill)
-  return _truncate_uint8(out + 1e-3)  # PIL truncates; the epsilon absorbs float32 rounding
+  if not b:
+    return x.copy()
+  if c not in _PIL_MODES:   # one channel at a time, each with its own fill
+    fills = np.broadcast_to(np.asarray(fill, np.float64), (c,))
+    return np.concatenate([affine(x[..., k:k + 1], matrices, fills[k]) for k in range(c)], -1)
+  data = [tuple(m) for m in np.asarray(matrices, np.float64).reshape(b, 6).tolist()]
+  fill = [int(round(float(v))) for v in np.broadcast_to(np.asarray(fill, np.float64), (c,))]
+  colour = fill[0] if c == 1 else tuple(fill)
+
+  def fn(im, i):
+    return im.transform((w, h), Image.AFFINE, data[i], Image.BILINEAR, fillcolor=colour)
+  return _per_pil_image(x, fn)
 
 
 def _matrices(a, b_, c_, d, e, f) -> np.ndarray:
@@ -488,7 +458,7 @@ def rotate_matrices(n: int, h: int, w: int, degrees) -> np.ndarray:
   """(n, 2, 3) source-sampling matrices of a rotation about the image centre."""
   t = np.deg2rad(np.broadcast_to(np.asarray(degrees, np.float64), (n,)))
   cx, cy = w / 2.0, h / 2.0
-  cos, sin = np.cos(t), np.sin(t)
+  cos, sin = np.round(np.cos(t), 15), np.round(np.sin(t), 15)   # as PIL's Image.rotate
   # source = R(-t) applied about the centre; image rows grow downwards.
   return _matrices(cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
 
@@ -671,30 +641,14 @@ def erasing_boxes(keys: np.ndarray, height: int, width: int, prob: float,
   return boxes, erase
 
 
-def random_erasing(images: np.ndarray, keys: np.ndarray, prob: float = 0.25,
-                   area=(0.02, 1.0 / 3.0), min_aspect: float = 0.3) -> np.ndarray:
-  """Random Erasing, mode 'pixel': one box per image (with `prob`) filled with N(0, 1) noise.
-
-  images: (B, H, W, C) float32, already normalised. Returns a new array.
-  """
-  if prob <= 0:
-    return images
-  b, h, w, c = images.shape
-  boxes, erase = erasing_boxes(keys, h, w, prob, area, min_aspect)
-  chosen = np.flatnonzero(erase)
-  out = images.copy()
-  if not chosen.size:
-    return out
-  # Noise value j of an erased image is Box-Muller of hashes (key, stream, 2j) and (key, stream, 2j+1),
-  # drawn for all erased images at once.
-  counts = boxes[chosen, 2] * boxes[chosen, 3] * c
-  starts = np.cumsum(counts) - counts
-  j = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
-  k = hash_combine(np.repeat(np.asarray(keys, np.uint64)[chosen], counts), STREAM_ERASE_NOISE)
-  u = (hash_combine(k, np.stack([2 * j, 2 * j + 1])) >> np.uint64(11)).astype(np.float64)
-  noise = normal_from_uniform(u[0] * (1.0 / (1 << 53)), u[1] * (1.0 / (1 << 53)))
-  noise = noise.astype(images.dtype)
-  for i, start, count in zip(chosen, starts, counts):
-    top, left, eh, ew = (int(v) for v in boxes[i])
-    out[i, top:top + eh, left:left + ew, :] = noise[start:start + count].reshape(eh, ew, c)
-  return out
+def erasing_params(keys: np.ndarray, height: int, width: int, prob: float,
+                   area=(0.02, 1.0 / 3.0), min_aspect: float = 0.3) -> dict[str, np.ndarray]:
+  """Random Erasing as batch data for the device (`pipeline.model_input` erases there):
+  'erase_box' int32 (B, 4) (top, left, height, width), all zero where the image is not erased, and
+  'erase_key' uint32 (B, 2), the threefry key of the image's noise: the hash
+  (key, STREAM_ERASE_NOISE) split into its high and low words. Both are pure functions of the example keys."""
+  boxes, erase = erasing_boxes(keys, height, width, prob, area, min_aspect)
+  boxes = np.where(erase[:, None], boxes, 0).astype(np.int32)
+  h = random_bits(keys, STREAM_ERASE_NOISE, 1)[:, 0]
+  words = np.stack([h >> np.uint64(32), h & np.uint64(0xFFFFFFFF)], -1).astype(np.uint32)
+  return {'erase_box': boxes, 'erase_key': words}

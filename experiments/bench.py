@@ -336,12 +336,14 @@ class _DataWorker:
     self.it = pipeline.train_batches(
         config.data.name, batch_size=config.batch_size, image_size=config.data.image_size,
         channels=config.data.channels, seed=0, augment=train.augment_config(config),
-        num_workers=config.data.threads)
+        num_workers=train.data_workers(config))
+    workers = train.data_workers(config)
+    workers = pipeline.default_workers() if workers is None else workers
     for _ in range(3):
       next(self.it)
     self.batch = config.batch_size
     return {'setup_s': time.perf_counter() - start, 'batch': config.batch_size,
-            'workers': config.data.threads, 'data': config.data.name,
+            'workers': workers, 'data': config.data.name,
             'image_size': config.data.image_size, 'channels': config.data.channels}
 
   def run(self, n):

@@ -9,14 +9,18 @@
   example is seen once per epoch); host p of P reads rows [p * B, (p + 1) * B) of each global batch
   of P * B, so hosts are disjoint and the stream does not depend on the host count.
 * **Transforms** (numpy and PIL; no TensorFlow). Train: random-resized-crop (or resize +
-  pad-and-crop for small images), flip, RandAugment on uint8, normalise, Random Erasing; eval: resize
-  the shorter side to image_size / crop_pct, centre crop (crop_pct 0.875 for the ImageNet-like sets,
-  1.0 otherwise), normalise. Encoded images (JPEG / PNG) are decoded and crop-resized with PIL
-  (bicubic, antialiased, as timm / torchvision do). Grayscale images are augmented on one channel and
-  replicated to `channels=3` after normalisation; RGB images fed to a 1-channel model become luma.
+  pad-and-crop for small images), flip, RandAugment on uint8 (its warps in PIL's C code), and the
+  Random Erasing boxes; eval: resize the shorter side to image_size / crop_pct, centre crop
+  (crop_pct 0.875 for the ImageNet-like sets, 1.0 otherwise). Encoded images (JPEG / PNG) are decoded and
+  crop-resized with PIL (bicubic, antialiased, as timm / torchvision do). RGB images fed to a
+  1-channel model become luma.
+* **uint8 on the wire.** Batches carry uint8 images (4x fewer bytes than float32; grayscale as one
+  channel, 12x fewer than float32 RGB). `model_input(batch, input_spec(...))`, inside the jitted
+  steps, normalises, erases (the noise from a per-image key in the batch) and replicates grayscale
+  to `channels=3` on the device.
 * **Parallelism.** Each batch is one task; `num_workers` threads compute whole batches ahead of the
-  consumer (`prefetch` extra). numpy (large arrays) and PIL release the GIL. Default workers: half
-  the cores ($MODERNIZE_DATA_WORKERS overrides).
+  consumer (`prefetch` extra). numpy (large arrays) and PIL release the GIL. Default workers: one
+  per core ($MODERNIZE_DATA_WORKERS overrides).
 * **Validation.** `validation=N` holds N training examples out of training
   (`datasets.split_indices`); `eval_batches(split='validation')` evaluates exactly those.
 * **Eval is exact on any device count.** Global eval batch k covers positions
@@ -40,8 +44,8 @@ from experiments import augment as aug
 from experiments import datasets
 from experiments.augment import AugmentConfig
 
-__all__ = ['AugmentConfig', 'eval_batches', 'num_eval_batches', 'split_size', 'train_batches',
-           'train_indices']
+__all__ = ['AugmentConfig', 'InputSpec', 'default_workers', 'eval_batches', 'input_spec',
+           'model_input', 'num_eval_batches', 'split_size', 'train_batches', 'train_indices']
 
 # --- sampling -------------------------------------------------------------------------------------
 
@@ -132,21 +136,24 @@ class _Transform:
       return aug.to_grayscale(images)
     return images
 
-  def finish(self, images: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
-    """uint8 (B, S, S, c) -> float32 (B, S, S, channels): [RandAugment,] normalise[, erasing]."""
+  @property
+  def wire_channels(self) -> int:
+    """Channels of the uint8 images a batch carries: the working channels (grayscale images travel
+    as one channel and are replicated on the device)."""
+    return min(self.stored_channels, self.channels)
+
+  def finish(self, images: np.ndarray, keys: np.ndarray | None) -> dict[str, np.ndarray]:
+    """uint8 (B, S, S, c) -> {'image': uint8 (B, S, S, c) [RandAugment-ed][, 'erase_box',
+    'erase_key']}: what `model_input` turns into the normalised, erased float32 model input."""
     a = self.augment
     if keys is not None and a.randaugment_n > 0:
       images = aug.rand_augment(images, keys, a.randaugment_n, a.randaugment_m,
                                 a.randaugment_mstd, a.randaugment_prob, fill=self.fill)
-    out = images.astype(np.float32)
-    out *= (1.0 / (255.0 * self.std)).astype(np.float32)
-    out -= (self.mean / self.std).astype(np.float32)
+    out = {'image': np.ascontiguousarray(images, np.uint8)}
     if keys is not None and a.random_erasing_prob > 0:
-      out = aug.random_erasing(out, keys, a.random_erasing_prob, a.erasing_area,
-                               a.erasing_min_aspect)
-    if self.channels == 3 and out.shape[-1] == 1:
-      out = np.repeat(out, 3, axis=-1)
-    return np.ascontiguousarray(out)
+      out.update(aug.erasing_params(keys, images.shape[1], images.shape[2], a.random_erasing_prob,
+                                    a.erasing_area, a.erasing_min_aspect))
+    return out
 
   # Small images held in memory.
   def presize(self, images: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -157,7 +164,7 @@ class _Transform:
     return np.concatenate([aug.resize(images[i:i + chunk], self.image_size)
                            for i in range(0, len(images), chunk)])
 
-  def train_arrays(self, images: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  def train_arrays(self, images: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
     """`images`: raw, or already `presize`d (the resize is then the identity)."""
     a, s = self.augment, self.image_size
     _, h, w, _ = images.shape
@@ -173,7 +180,7 @@ class _Transform:
     return self.finish(images, keys)
 
   def eval_arrays(self, images: np.ndarray) -> np.ndarray:
-    return self.finish(self.working(aug.resize(images, self.image_size, self.crop_pct)), None)
+    return self.working(aug.resize(images, self.image_size, self.crop_pct))
 
   # Encoded images (JPEG, PNG) of any size.
   def _decode(self, blobs: list[bytes], box_fn) -> np.ndarray:
@@ -200,7 +207,7 @@ class _Transform:
       out[i] = np.asarray(im).reshape(s, s, self.stored_channels)
     return out
 
-  def train_encoded(self, blobs: list[bytes], keys: np.ndarray) -> np.ndarray:
+  def train_encoded(self, blobs: list[bytes], keys: np.ndarray) -> dict[str, np.ndarray]:
     a = self.augment
     if a.random_resized_crop:
       box_fn = lambda h, w: aug.random_resized_crop_boxes(keys, h, w, a.rrc_scale, a.rrc_ratio)
@@ -215,34 +222,90 @@ class _Transform:
 
   def eval_encoded(self, blobs: list[bytes]) -> np.ndarray:
     box_fn = lambda h, w: aug.center_box(h, w, self.image_size, self.crop_pct)
-    return self.finish(self.working(self._decode(blobs, box_fn)), None)
+    return self.working(self._decode(blobs, box_fn))
 
 
-def _make_transform(info: datasets.DataInfo, image_size: int | None, channels: int | None,
-                    crop_pct: float | None, augment: AugmentConfig | None) -> _Transform:
+def _statistics(info: datasets.DataInfo, channels: int | None):
+  """(model channels, mean, std per wire channel) for a data set fed to a `channels` model."""
   stored = info.channels
   channels = channels or stored
   if channels not in (1, 3):
     raise ValueError(f'channels must be 1 or 3, not {channels}')
-  size = image_size or info.default_size or info.image_shape[0]
-  if not size:
-    raise ValueError(f'{info.name}: images of varying sizes need an image_size')
   mean, std = np.array(info.mean, np.float64), np.array(info.std, np.float64)
   if channels == 1 and stored == 3:  # luma of the statistics (the std is an approximation)
     weights = np.array([0.299, 0.587, 0.114])
     mean, std = np.array([mean @ weights]), np.array([std @ weights])
+  return channels, mean, std
+
+
+def _make_transform(info: datasets.DataInfo, image_size: int | None, channels: int | None,
+                    crop_pct: float | None, augment: AugmentConfig | None) -> _Transform:
+  channels, mean, std = _statistics(info, channels)
+  size = image_size or info.default_size or info.image_shape[0]
+  if not size:
+    raise ValueError(f'{info.name}: images of varying sizes need an image_size')
   if crop_pct is None:
     crop_pct = 0.875 if info.large and info.default_size else 1.0
-  return _Transform(size, stored, channels, mean, std, crop_pct, augment or AugmentConfig())
+  return _Transform(size, info.channels, channels, mean, std, crop_pct, augment or AugmentConfig())
+
+
+# --- on the device --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What `model_input` needs besides the batch: per wire channel mean and std (of [0, 1] pixel
+  values) and the model's channel count. Hashable: a static argument of the jitted steps."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  channels: int
+
+
+def input_spec(name: str, data_dir: str | os.PathLike | None = None,
+               channels: int | None = None) -> InputSpec:
+  """The InputSpec of `name`'s batches for a `channels`-channel model."""
+  channels, mean, std = _statistics(datasets.info(name, data_dir), channels)
+  return InputSpec(tuple(float(m) for m in mean), tuple(float(s) for s in std), channels)
+
+
+def model_input(batch: dict, spec: InputSpec):
+  """A batch's float32 model input (B, S, S, spec.channels), computed where the batch lives (inside
+  the jitted steps, on the accelerator): uint8 -> (x / 255 - mean) / std, Random Erasing (mode
+  'pixel': each erased box is N(0, 1) noise from the image's own 'erase_key'; boxes of size zero
+  erase nothing), then a grayscale image replicated to 3 channels. The one place where uint8
+  batches become model inputs (trainer, eval, analysis, benchmarks). A pure function of the batch:
+  the same on any device count."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = batch['image']
+  b, h, w, c = x.shape
+  mean, std = np.array(spec.mean, np.float64), np.array(spec.std, np.float64)
+  out = jnp.asarray(x).astype(jnp.float32) * (1.0 / (255.0 * std)).astype(np.float32)
+  out = out - (mean / std).astype(np.float32)
+  if 'erase_box' in batch:
+    box = jnp.asarray(batch['erase_box'])
+    top, left, eh, ew = (box[:, i, None] for i in range(4))
+    rows, cols = jnp.arange(h)[None], jnp.arange(w)[None]
+    inside = (((rows >= top) & (rows < top + eh))[:, :, None]
+              & ((cols >= left) & (cols < left + ew))[:, None, :])
+    keys = jax.random.wrap_key_data(jnp.asarray(batch['erase_key']), impl='threefry2x32')
+    noise = jax.vmap(lambda k: jax.random.normal(k, (h, w, c), jnp.float32))(keys)
+    out = jnp.where(inside[..., None], noise, out)
+  if spec.channels == 3 and c == 1:
+    out = jnp.broadcast_to(out, (b, h, w, 3))
+  return out
 
 
 # --- iterators ------------------------------------------------------------------------------------
 
-def _default_workers() -> int:
+def default_workers() -> int:
+  """Batch-building threads by default: $MODERNIZE_DATA_WORKERS, else one per core this process
+  may run on (at most 32). The threads spend their time in numpy and PIL, which release the GIL; the
+  consumer (the trainer) mostly waits for the device, so it needs no core of its own."""
   env = os.environ.get('MODERNIZE_DATA_WORKERS')
   if env:
     return int(env)
-  return max(1, min(32, (os.cpu_count() or 2) // 2))
+  return max(1, min(32, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                     else os.cpu_count() or 1))
 
 
 def _prefetched(fn: Callable[[int], Any], start: int, stop: int | None, num_workers: int,
@@ -332,13 +395,14 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
                   prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches for this host, from step `start_step` on.
 
-  Yields {'image': float32 (batch_size, image_size, image_size, channels) normalised,
-  'label': int32 (batch_size,)}. `batch_size` is per host; the global batch is
-  batch_size * process_count. A pure function of (name, seed, step, process_index, process_count,
+  Yields {'image': uint8 (batch_size, image_size, image_size, c), 'label': int32 (batch_size,)}
+  (c: 1 for grayscale data or a 1-channel model, else 3), with Random Erasing on also 'erase_box'
+  and 'erase_key' (`augment.erasing_params`); `model_input` makes the model's float32 input.
+  `batch_size` is per host; the global batch is batch_size * process_count. A pure function of (name, seed, step, process_index, process_count,
   augment, validation[, num_examples]): `start_step=s` yields exactly what an unbroken iterator
   yields from step s on. validation: training examples held out (never trained on). num_examples:
   train on the first num_examples of the (remaining) split only (smoke runs); None = all.
-  num_workers: batch-building threads (None: half the cores; 0: synchronous); prefetch: batches
+  num_workers: batch-building threads (None: one per core; 0: synchronous); prefetch: batches
   computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised here).
   """
   info = datasets.info(name, data_dir)
@@ -354,9 +418,9 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
     def batch(step: int) -> dict[str, np.ndarray]:
       positions = _positions(step, batch_size, process_index, process_count)
       keys = aug.example_keys(seed, positions)
-      images, labels = _decoded(data.source, data.rows[_indices_at(positions, n, perms)],
-                                lambda blobs: transform.train_encoded(blobs, keys))
-      return {'image': images, 'label': labels}
+      out, labels = _decoded(data.source, data.rows[_indices_at(positions, n, perms)],
+                             lambda blobs: transform.train_encoded(blobs, keys))
+      return {**out, 'label': labels}
   else:
     images = transform.presize(data.images)   # once, instead of in every batch
     labels = data.labels
@@ -365,9 +429,9 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
       positions = _positions(step, batch_size, process_index, process_count)
       idx = _indices_at(positions, n, perms)
       keys = aug.example_keys(seed, positions)
-      return {'image': transform.train_arrays(images[idx], keys), 'label': labels[idx]}
+      return {**transform.train_arrays(images[idx], keys), 'label': labels[idx]}
 
-  workers = _default_workers() if num_workers is None else num_workers
+  workers = default_workers() if num_workers is None else num_workers
   return _prefetched(batch, start_step, None, workers, prefetch)
 
 
@@ -383,7 +447,8 @@ def eval_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_
                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """This host's share of a whole split ('test', or 'validation': the `validation` examples held
   out of training), in order, ceil(N / (batch_size * process_count)) batches on every host. Yields
-  'image', 'label' and 'mask' (bool (batch_size,), False on padding).
+  'image' (uint8, as `train_batches`; zeros on padding), 'label' and 'mask' (bool (batch_size,),
+  False on padding).
 
   crop_pct: eval centre crop (default 0.875 for imagenette / imagenet2012, 1.0 otherwise).
   num_examples: evaluate the first num_examples of the split only (smoke runs); None = all.
@@ -393,7 +458,7 @@ def eval_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_
   transform = _make_transform(info, image_size, channels, crop_pct, None)
   if batch_size <= 0:
     raise ValueError('batch_size must be positive')
-  s, c = transform.image_size, transform.channels
+  s, c = transform.image_size, transform.wire_channels
   data = _Split(name, data_dir, split, validation, num_examples, info)
   n = len(data)
 
@@ -407,11 +472,11 @@ def eval_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_
   def batch(k: int) -> dict[str, np.ndarray]:
     positions = _positions(k, batch_size, process_index, process_count)
     mask = positions < n
-    image = np.zeros((batch_size, s, s, c), np.float32)
+    image = np.zeros((batch_size, s, s, c), np.uint8)
     label = np.zeros((batch_size,), np.int32)
     if mask.any():
       image[mask], label[mask] = compute(positions[mask])
     return {'image': image, 'label': label, 'mask': mask}
 
-  workers = _default_workers() if num_workers is None else num_workers
+  workers = default_workers() if num_workers is None else num_workers
   return _prefetched(batch, 0, num_eval_batches(n, batch_size, process_count), workers, prefetch)

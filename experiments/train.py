@@ -14,6 +14,7 @@ the step table (default runs/steps.csv).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -154,6 +155,13 @@ def net_config(config, num_classes: int, in_channels: int = 1) -> NetConfig:
 def data_channels(config, info: datasets.DataInfo) -> int:
   """The model's input channels: config.data.channels, or (0) the data set's own."""
   return config.data.channels or info.channels
+
+
+def data_workers(config) -> int | None:
+  """Input-pipeline threads: config.data.threads, or (when negative) the pipeline's default, one
+  per core ($MODERNIZE_DATA_WORKERS overrides)."""
+  threads = config.data.threads
+  return None if threads < 0 else threads
 
 
 def augment_config(config) -> pipeline.AugmentConfig:
@@ -299,13 +307,16 @@ def create_state(config, cfg: NetConfig, tx, sharding=None):
   return graphdef, constants, state
 
 
-def make_train_step(config, graphdef, constants, tx, lr, num_classes):
+def make_train_step(config, graphdef, constants, tx, lr, num_classes,
+                    spec: pipeline.InputSpec | None = None):
   """The jitted training step: one optimizer update from one global batch. With
   `accumulate_steps` A > 1 the batch's gradient is the mean of A microbatch gradients computed one
   after another (`lax.scan`), so a batch that does not fit in memory at once takes A times less
   activation memory. Without BatchNorm that is the same update as the whole batch at once (up to
   float rounding); BatchNorm normalises and updates its statistics per microbatch. Mixing is
-  drawn on the whole batch; stochastic depth draws per microbatch."""
+  drawn on the whole batch; stochastic depth draws per microbatch. With `spec`, batches are the
+  pipeline's uint8 batches, made model inputs here (`pipeline.model_input`); without, batch['image']
+  is the model input already."""
   a = config.augment
   accumulate = config.get('accumulate_steps', 1)
 
@@ -340,8 +351,9 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes):
     step = state['step']
     key = jax.random.fold_in(jax.random.key(state['seed']), step)
     mix_key, drop_key = jax.random.split(key)
+    images = batch['image'] if spec is None else pipeline.model_input(batch, spec)
     images, targets = mixing.mix(
-        mix_key, batch['image'], batch['label'], num_classes=num_classes,
+        mix_key, images, batch['label'], num_classes=num_classes,
         mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, switch_prob=a.switch_prob,
         mix_prob=a.mix_prob, label_smoothing=a.label_smoothing)
     gradients = grad_fn if accumulate == 1 else accumulated
@@ -359,12 +371,13 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes):
   return train_step
 
 
-def make_eval_step(graphdef, constants, use_ema: bool):
+def make_eval_step(graphdef, constants, use_ema: bool, spec: pipeline.InputSpec | None = None):
   def eval_step(state, batch):
     params = state['ema'] if use_ema else state['params']
     model = nnx.merge(graphdef, params, state['batch_stats'], constants)
     model.eval()
-    logits = model(batch['image']).astype(jnp.float32)
+    images = batch['image'] if spec is None else pipeline.model_input(batch, spec)
+    logits = model(images).astype(jnp.float32)
     mask = batch['mask']
     labels = batch['label']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -423,6 +436,19 @@ def _make_workdir(workdir: str) -> None:
 
 def _global_batch(local: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _on_device(batches: Iterator[dict], sharding, ahead: int = 2) -> Iterator[dict]:
+  """The host batches as global device arrays, `ahead` of them in flight: each is sent (an
+  asynchronous copy) before the step that needs it is dispatched, so that the copy overlaps the
+  steps before it. No host sync."""
+  queue = collections.deque()
+  for local in batches:
+    queue.append(_global_batch(local, sharding))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
@@ -545,6 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_train = min(num_train, config.data.train_examples)
   channels = data_channels(config, info)
   cfg = net_config(config, info.num_classes, channels)
+  spec = pipeline.input_spec(config.data.name, data_dir, channels)
 
   mesh = jax.make_mesh((jax.device_count(),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -558,10 +585,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with watch.phase('init_s'):
     graphdef, constants, state = create_state(config, cfg, tx, replicated)
 
-  train_step = jax.jit(make_train_step(config, graphdef, constants, tx, lr, info.num_classes),
+  train_step = jax.jit(make_train_step(config, graphdef, constants, tx, lr, info.num_classes,
+                                       spec),
                        in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, constants, config.ema_decay > 0),
+  eval_step = jax.jit(make_eval_step(graphdef, constants, config.ema_decay > 0, spec),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
   checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -602,13 +630,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   total = schedule.total_steps
   data_start = time.perf_counter()
-  batches = pipeline.train_batches(
+  batches = _on_device(pipeline.train_batches(
       config.data.name, data_dir=data_dir, batch_size=local_batch,
       image_size=config.data.image_size, channels=channels, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=augment,
       num_examples=config.data.train_examples or None, validation=validation,
-      num_workers=config.data.threads)
+      num_workers=data_workers(config)), batch_sharding)
   watch.add('data_s', time.perf_counter() - data_start)
 
   # Preemption. One process: SIGTERM sets a flag, and the step in progress is saved. Several:
@@ -626,7 +654,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop_start, compile_s, checkpoint_s = time.perf_counter(), 0.0, 0.0
   try:
     for step in range(start_step, total):
-      batch = _global_batch(next(batches), batch_sharding)
+      batch = next(batches)
       if step == start_step:   # tracing and compiling (or loading from the cache) happen here
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)
@@ -680,13 +708,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Eval over whole splits, exact on any device count (padding is masked out).
   def evaluate(split: str) -> dict:
     totals = {'correct1': 0, 'correct5': 0, 'loss': 0.0, 'count': 0}
-    for batch in pipeline.eval_batches(
+    for batch in _on_device(pipeline.eval_batches(
         config.data.name, data_dir=data_dir, batch_size=local_batch,
         image_size=config.data.image_size, channels=channels,
         process_index=jax.process_index(), process_count=jax.process_count(), split=split,
         validation=validation, num_examples=config.data.test_examples or None,
-        num_workers=config.data.threads):
-      out = jax.device_get(eval_step(state, _global_batch(batch, batch_sharding)))
+        num_workers=data_workers(config)), batch_sharding):
+      out = jax.device_get(eval_step(state, batch))
       for k in totals:
         totals[k] += out[k]
     count = int(totals['count'])

@@ -20,6 +20,11 @@ PAPER_SMALL = AugmentConfig.paper(large=False)
 FM = 'fashion_mnist'
 
 
+def _model_input(batch, name, channels=None, data_dir=None):
+  """The float32 model input of a uint8 batch, as the jitted steps compute it."""
+  return np.asarray(pipeline.model_input(batch, pipeline.input_spec(name, data_dir, channels)))
+
+
 def _denormalize(images, info):
   return (images * np.array(info.std) + np.array(info.mean)) * 255.0
 
@@ -94,11 +99,40 @@ def test_transform_arguments(tmp_path):
 def test_train_batch_format(fashion):
   batch = next(pipeline.train_batches(FM, batch_size=32, image_size=32, channels=3, seed=0,
                                       augment=PAPER_SMALL))
-  assert set(batch) == {'image', 'label'}
-  assert batch['image'].shape == (32, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert set(batch) == {'image', 'label', 'erase_box', 'erase_key'}
+  # Grayscale travels as one uint8 channel; the model input is replicated on the device.
+  assert batch['image'].shape == (32, 32, 32, 1) and batch['image'].dtype == np.uint8
   assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
-  assert np.isfinite(batch['image']).all() and 0 <= batch['label'].min() <= batch['label'].max() < 10
-  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])  # replicated gray
+  assert batch['erase_box'].shape == (32, 4) and batch['erase_box'].dtype == np.int32
+  assert batch['erase_key'].shape == (32, 2) and batch['erase_key'].dtype == np.uint32
+  assert 0 <= batch['label'].min() <= batch['label'].max() < 10
+  x = _model_input(batch, FM, 3)
+  assert x.shape == (32, 32, 32, 3) and x.dtype == np.float32 and np.isfinite(x).all()
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])  # replicated gray
+  assert set(next(pipeline.train_batches(FM, batch_size=4, seed=0))) == {'image', 'label'}
+
+
+def test_model_input_normalises_and_erases(fashion):
+  """(x / 255 - mean) / std outside the erased boxes; N(0, 1) noise inside, a pure function of the
+  batch's 'erase_key'; a box of size zero erases nothing."""
+  info = datasets.info(FM)
+  augment = AugmentConfig(random_erasing_prob=0.5)
+  batch = next(pipeline.train_batches(FM, batch_size=256, image_size=28, seed=2, augment=augment,
+                                      num_workers=0))
+  x = _model_input(batch, FM)
+  expected = (batch['image'] / 255.0 - info.mean[0]) / info.std[0]
+  box = batch['erase_box']
+  erased = box[:, 2] > 0
+  assert 0.35 < erased.mean() < 0.65 and (box[~erased] == 0).all()
+  inside = np.zeros(x.shape, bool)
+  for i, (top, left, h, w) in enumerate(box):
+    inside[i, top:top + h, left:left + w] = True
+  np.testing.assert_allclose(x[~inside], expected[~inside], atol=1e-5)
+  noise = x[inside]
+  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+  np.testing.assert_array_equal(x, _model_input(batch, FM))
+  other = dict(batch, erase_key=batch['erase_key'] + np.uint32(1))
+  assert not np.array_equal(_model_input(other, FM)[inside], noise)
 
 
 def test_train_without_augmentation_is_the_stored_images(fashion):
@@ -109,7 +143,8 @@ def test_train_without_augmentation_is_the_stored_images(fashion):
   idx, positions = pipeline.train_indices(60000, seed=5, step=7, batch_size=16)
   np.testing.assert_array_equal(positions, np.arange(7 * 16, 8 * 16))
   np.testing.assert_array_equal(batch['label'], labels[idx])
-  np.testing.assert_allclose(_denormalize(batch['image'], info), images[idx], atol=1e-3)
+  np.testing.assert_array_equal(batch['image'], images[idx])
+  np.testing.assert_allclose(_denormalize(_model_input(batch, FM), info), images[idx], atol=1e-3)
 
 
 @pytest.mark.parametrize('validation', [None, 0])
@@ -125,8 +160,8 @@ def test_train_stream_is_a_function_of_the_indices(fashion, validation):
   for step, batch in zip((40, 41), batches):
     idx, positions = pipeline.train_indices(60000, seed=3, step=step, batch_size=24)
     np.testing.assert_array_equal(batch['label'], labels[idx])
-    np.testing.assert_array_equal(
-        batch['image'], transform.train_arrays(images[idx], aug.example_keys(3, positions)))
+    _assert_same([batch], [{**transform.train_arrays(images[idx], aug.example_keys(3, positions)),
+                            'label': labels[idx]}])
 
 
 def test_determinism_resume_and_workers(fashion):
@@ -163,7 +198,7 @@ def test_hosts_read_disjoint_shares_of_the_global_batch(fashion):
   for p in range(3):
     share = next(pipeline.train_batches(FM, batch_size=20, process_index=p, process_count=3,
                                         **kwargs))
-    for key in ('image', 'label'):  # host p's share is rows [20p, 20p + 20) of the global batch
+    for key in share:  # host p's share is rows [20p, 20p + 20) of the global batch
       np.testing.assert_array_equal(share[key], whole[key][20 * p:20 * (p + 1)])
     indices.append(pipeline.train_indices(60000, seed=3, step=11, batch_size=20, process_index=p,
                                           process_count=3)[0])
@@ -179,7 +214,6 @@ def test_hosts_read_disjoint_shares_of_the_global_batch(fashion):
 @pytest.mark.parametrize('hosts', [1, 3])
 def test_eval_covers_the_test_split_exactly_once(fashion, hosts):
   images, labels = datasets.load_arrays(FM, 'test')
-  info = datasets.info(FM)
   per_host = [list(pipeline.eval_batches(FM, batch_size=128, image_size=28, channels=1,
                                          process_index=p, process_count=hosts))
               for p in range(hosts)]
@@ -190,7 +224,7 @@ def test_eval_covers_the_test_split_exactly_once(fashion, hosts):
       assert b['image'].shape == (128, 28, 28, 1) and b['mask'].dtype == bool
   got_images, got_labels = _gather_eval(per_host)
   np.testing.assert_array_equal(got_labels, labels)
-  np.testing.assert_allclose(_denormalize(got_images, info), images, atol=1e-3)
+  np.testing.assert_array_equal(got_images, images)
   assert np.bincount(got_labels).tolist() == [1000] * 10
 
 
@@ -208,11 +242,14 @@ def test_subsets_for_smoke_runs(fashion):
 
 def test_eval_resizes_and_replicates_channels(fashion):
   b = next(pipeline.eval_batches(FM, batch_size=10, image_size=32, channels=3))
-  assert b['image'].shape == (10, 32, 32, 3) and b['mask'].all()
-  np.testing.assert_array_equal(b['image'][..., 0], b['image'][..., 1])
-  np.testing.assert_array_equal(b['image'][..., 0], b['image'][..., 2])
+  assert b['image'].shape == (10, 32, 32, 1) and b['mask'].all()
+  x = _model_input(b, FM, 3)
+  assert x.shape == (10, 32, 32, 3)
+  np.testing.assert_array_equal(x[..., 0], x[..., 1])
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])
   one = next(pipeline.eval_batches(FM, batch_size=10, image_size=32, channels=1))
-  np.testing.assert_array_equal(one['image'][..., 0], b['image'][..., 0])
+  np.testing.assert_array_equal(one['image'], b['image'])
+  np.testing.assert_array_equal(_model_input(one, FM, 1)[..., 0], x[..., 0])
   np.testing.assert_array_equal(one['label'], b['label'])
 
 
@@ -223,7 +260,6 @@ HOLD_OUT = 5000
 
 def test_training_never_sees_the_held_out_examples(fashion):
   images, labels = datasets.load_arrays(FM, 'train')
-  info = datasets.info(FM)
   train_rows, held_out = datasets.split_indices(60000, HOLD_OUT)
   n = 60000 - HOLD_OUT
   batch_size = 1000   # 55 steps: one epoch
@@ -234,7 +270,7 @@ def test_training_never_sees_the_held_out_examples(fashion):
     batch = next(iterator)
     idx = train_rows[pipeline.train_indices(n, seed=6, step=step, batch_size=batch_size)[0]]
     np.testing.assert_array_equal(batch['label'], labels[idx])
-    np.testing.assert_allclose(_denormalize(batch['image'], info), images[idx], atol=1e-3)
+    np.testing.assert_array_equal(batch['image'], images[idx])
     seen.append(idx)
   iterator.close()
   seen = np.sort(np.concatenate(seen))
@@ -255,7 +291,6 @@ def test_smoke_subset_applies_after_the_hold_out(fashion):
 @pytest.mark.parametrize('hosts', [1, 2])
 def test_validation_split_is_exactly_the_held_out_examples(fashion, hosts):
   images, labels = datasets.load_arrays(FM, 'train')
-  info = datasets.info(FM)
   _, held_out = datasets.split_indices(60000, HOLD_OUT)
   per_host = [list(pipeline.eval_batches(FM, batch_size=256, image_size=28, channels=1,
                                          split='validation', validation=HOLD_OUT,
@@ -264,7 +299,7 @@ def test_validation_split_is_exactly_the_held_out_examples(fashion, hosts):
   assert [len(b) for b in per_host] == [pipeline.num_eval_batches(HOLD_OUT, 256, hosts)] * hosts
   got_images, got_labels = _gather_eval(per_host)
   np.testing.assert_array_equal(got_labels, labels[held_out])
-  np.testing.assert_allclose(_denormalize(got_images, info), images[held_out], atol=1e-3)
+  np.testing.assert_array_equal(got_images, images[held_out])
   subset = list(pipeline.eval_batches(FM, batch_size=64, split='validation', validation=HOLD_OUT,
                                       num_examples=100))
   np.testing.assert_array_equal(np.concatenate([b['label'][b['mask']] for b in subset]),
@@ -307,8 +342,9 @@ def test_fake_dataset_through_the_pipeline(fake_dir, name):
   kwargs = dict(data_dir=fake_dir, batch_size=8, image_size=size, seed=0,
                 augment=AugmentConfig.paper(large))
   unbroken = _take(pipeline.train_batches(name, **kwargs), 7)  # 56 > 40: rolls into epoch 1
-  assert unbroken[0]['image'].shape == (8, size, size, 3)
-  assert unbroken[0]['image'].dtype == np.float32 and np.isfinite(unbroken[0]['image']).all()
+  assert unbroken[0]['image'].shape == (8, size, size, 3) and unbroken[0]['image'].dtype == np.uint8
+  x = _model_input(unbroken[0], name, None, fake_dir)
+  assert x.shape == (8, size, size, 3) and np.isfinite(x).all()
   _assert_same(unbroken[4:], _take(pipeline.train_batches(name, start_step=4, **kwargs), 3))
   hosts = [next(pipeline.train_batches(name, **dict(kwargs, batch_size=4, process_index=p,
                                                     process_count=2, start_step=1)))
@@ -331,8 +367,7 @@ def test_fake_dataset_through_the_pipeline(fake_dir, name):
   else:
     stored = datasets.load_arrays(name, 'test', fake_dir)[1]
   np.testing.assert_array_equal(labels, stored)
-  brightness = np.concatenate([_denormalize(b['image'][b['mask']], info).mean(axis=(1, 2, 3))
-                               for b in batches])
+  brightness = np.concatenate([b['image'][b['mask']].mean(axis=(1, 2, 3)) for b in batches])
   expected = 20 + 20 * (labels % 10)  # make_fake_dataset's class-dependent brightness
   assert np.abs(brightness - expected).max() < 8
 
@@ -410,7 +445,7 @@ def _write_folder(root, *, rgb=False, ext='.png', num_train=3, num_test=2, seed=
 
 def _brightness_by_label(images, labels, info):
   expected = np.array([CLASSES[c] for c in info.classes])[labels]
-  return _denormalize(images, info).mean(axis=(1, 2, 3)), expected
+  return images.mean(axis=(1, 2, 3)), expected
 
 
 @pytest.mark.parametrize('rgb,ext', [(False, '.png'), (True, '.png'), (False, '.jpg'),
@@ -425,7 +460,7 @@ def test_image_folder_through_the_pipeline(tmp_path, rgb, ext):
 
   batches = list(pipeline.eval_batches(name, batch_size=4, image_size=16))
   assert len(batches) == 2 and [int(b['mask'].sum()) for b in batches] == [4, 2]
-  assert batches[0]['image'].shape == (4, 16, 16, c) and batches[0]['image'].dtype == np.float32
+  assert batches[0]['image'].shape == (4, 16, 16, c) and batches[0]['image'].dtype == np.uint8
   images = np.concatenate([b['image'][b['mask']] for b in batches])
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
   assert labels.tolist() == [0, 0, 1, 1, 2, 2]   # class by class, in sorted class order
@@ -444,9 +479,11 @@ def test_image_folder_through_the_pipeline(tmp_path, rgb, ext):
   # Channel conversions: gray -> 3 replicated channels, RGB -> luma.
   other = 1 if rgb else 3
   b = next(pipeline.eval_batches(name, batch_size=6, image_size=16, channels=other))
-  assert b['image'].shape == (6, 16, 16, other)
+  assert b['image'].shape == (6, 16, 16, 1)   # luma, or gray replicated on the device
+  x = _model_input(b, name, other)
+  assert x.shape == (6, 16, 16, other)
   if other == 3:
-    np.testing.assert_array_equal(b['image'][..., 0], b['image'][..., 2])
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
 
 
 def test_image_folder_validation_split(tmp_path):
@@ -472,7 +509,9 @@ def test_image_folder_of_one_size_needs_no_image_size(tmp_path):
   b = next(pipeline.eval_batches(f'folder:{root}', batch_size=2))
   assert b['image'].shape == (2, 10, 10, 1) and b['label'].tolist() == [0, 1]
   info = datasets.info(f'folder:{root}')
-  np.testing.assert_allclose(_denormalize(b['image'], info)[:, 0, 0, 0], [50, 200], atol=1e-3)
+  np.testing.assert_array_equal(b['image'][:, 0, 0, 0], [50, 200])
+  np.testing.assert_allclose(_denormalize(_model_input(b, f'folder:{root}'), info)[:, 0, 0, 0],
+                             [50, 200], atol=1e-3)
 
 
 def test_truncated_test_image_gives_a_one_line_error(tmp_path):
