@@ -1,0 +1,79 @@
+"""The transformer references in the ladder: their configs (configs/ladder.py:swin_t, vit_s) and
+the trainer's weight-decay exclusions."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from configs.ladder import get_config
+from experiments import train
+from modernize.config import ConfigError, NetConfig
+from modernize.network import create_model
+from modernize.transformers import SwinConfig, ViTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reference_configs_take_the_enhanced_recipe_and_the_ladders_scale():
+  convnext = get_config('convnext_t,miniature')
+  for name, kind in (('swin_t', SwinConfig), ('vit_s', ViTConfig)):
+    config = get_config(f'{name},miniature,seed=2')
+    cfg = train.net_config(config, num_classes=10, in_channels=1)
+    assert type(cfg) is kind and cfg.img_size == 32 and config.step_index == -1
+    assert config.recipe == 'enhanced' and config.seed == 2
+    # The same recipe, data and duration as the ladder's last step.
+    assert config.optimizer.to_dict() == convnext.optimizer.to_dict()
+    assert config.augment.to_dict() == convnext.augment.to_dict()
+    assert config.data.to_dict() == convnext.data.to_dict()
+    assert (config.epochs, config.batch_size) == (convnext.epochs, convnext.batch_size)
+    assert cfg.drop_path_rate == convnext.model.drop_path_rate == 0.1
+  # Scale cpu (a third of the depth, a quarter of the width and heads); small-image patches.
+  swin = train.net_config(get_config('swin_t,scale=cpu'), 10, 1)
+  assert (swin.depths, swin.embed_dim, swin.num_heads) == ((1, 1, 2, 1), 24, (1, 1, 3, 6))
+  assert (swin.patch_size, swin.window_size, swin.stage_resolutions()) == (2, 4, (16, 8, 4, 2))
+  vit = train.net_config(get_config('vit_s,scale=small,image_size=28'), 10, 1)
+  assert (vit.depth, vit.embed_dim, vit.num_heads, vit.patch_size) == (4, 192, 3, 4)
+  # At 224 px and full scale: the paper's networks (but the recipe's drop path).
+  full = train.net_config(get_config('swin_t,data=imagenette'), 1000, 3)
+  assert full.replace(drop_path_rate=0.2) == SwinConfig()
+  full = train.net_config(get_config('vit_s,data=imagenette'), 1000, 3)
+  assert full == ViTConfig()
+  with pytest.raises(ConfigError, match='img_size'):   # 30 px: no whole patches of 4
+    train.validate(get_config('vit_s,image_size=30'))
+  with pytest.raises(ConfigError, match='unknown step'):
+    get_config('swin_b')
+
+
+def _no_grad_step(params, no_decay):
+  """Whether each parameter moves in one AdamW update with zero gradients (weight decay only)."""
+  tx = train.optimizer(get_config('swin_t,smoke'), optax.constant_schedule(1.0), no_decay)
+  updates = jax.jit(lambda p: jax.tree.map(
+      jnp.any, tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]))(params)
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): bool(u)
+          for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+
+
+def test_weight_decay_leaves_out_position_embeddings_class_token_and_bias_tables():
+  swin = train.net_config(get_config('swin_t,smoke'), 10, 1)
+  vit = train.net_config(get_config('vit_s,smoke'), 10, 1)
+  assert train.no_weight_decay(swin) == {'relative_position_bias_table'}
+  assert train.no_weight_decay(vit) == {'pos_embed', 'cls_token'}
+  assert train.no_weight_decay(NetConfig()) == set()
+  for cfg in (swin, vit):
+    params = nnx.state(create_model(cfg, image_size=32), nnx.Param)
+    decayed = _no_grad_step(params, train.no_weight_decay(cfg))
+    names = {k for k, v in decayed.items() if v}
+    for name in train.no_weight_decay(cfg):
+      present = [k for k in decayed if name in k.split('/')]
+      assert present and not any(decayed[k] for k in present), name
+    # Every Linear and the patch embedding decay; biases and norms do not.
+    assert all(k.endswith('kernel/value') for k in names)
+    assert 'patch_embed/proj/kernel/value' in names and any('qkv/kernel' in k for k in names)
+    assert not any(decayed[k] for k in decayed if 'norm' in k or k.endswith('bias/value'))
+    # Without the exclusion (ndim > 1 alone) they would decay: the exclusion is what stops them.
+    plain = _no_grad_step(params, frozenset())
+    assert all(plain[k] for k in decayed if k.split('/')[-2] in train.no_weight_decay(cfg))
