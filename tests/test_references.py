@@ -1,7 +1,10 @@
-"""The transformer references in the ladder: their configs (configs/ladder.py:swin_t, vit_s) and
-the trainer's weight-decay exclusions."""
+"""The transformer references in the ladder: their configs (configs/ladder.py:swin_t, vit_s), the
+trainer's weight-decay exclusions, `ladder run --references` and their rows and lines in `show`."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs.ladder import get_config
-from experiments import train
+from experiments import ladder_run, steptable, train
 from modernize.config import ConfigError, NetConfig
 from modernize.network import create_model
 from modernize.transformers import SwinConfig, ViTConfig
@@ -77,3 +80,41 @@ def test_weight_decay_leaves_out_position_embeddings_class_token_and_bias_tables
     # Without the exclusion (ndim > 1 alone) they would decay: the exclusion is what stops them.
     plain = _no_grad_step(params, frozenset())
     assert all(plain[k] for k in decayed if k.split('/')[-2] in train.no_weight_decay(cfg))
+
+
+def test_plan_adds_the_references_after_the_steps():
+  assert ladder_run.plan('resnet50', ['resnet50'], 2, False, references=True) == [
+      ('resnet50', 0), ('resnet50', 1), ('swin_t', 0), ('swin_t', 1), ('vit_s', 0), ('vit_s', 1)]
+  assert ladder_run.plan('resnet50', ['vit_s'], 1, False) == [('vit_s', 0)]
+  assert [s for s, _ in ladder_run.plan('resnet50', None, 1, False, True)][-2:] == \
+      ['swin_t', 'vit_s']
+
+
+def test_ladder_run_references_on_smoke_trains_them_and_show_draws_them(tmp_path):
+  """`ladder run --references --options smoke --steps resnet50 --show`."""
+  out = str(tmp_path / 'ladder')
+  res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'run', '--out', out,
+                        '--references', '--options', 'smoke', '--steps', 'resnet50', '--show'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = {r['step']: r for r in steptable.read_rows(os.path.join(out, 'steps.csv'))}
+  assert sorted(rows) == ['resnet50', 'swin_t', 'vit_s']
+  for name in ('swin_t', 'vit_s'):
+    config = get_config(f'{name},ladder=resnet50,seed=0,smoke')
+    assert rows[name]['config_hash'] == train.config_hash(config)
+    assert rows[name]['step_index'] == '-1' and rows[name]['scale'] == 'tiny'
+    assert float(rows[name]['gmacs']) > 0 and int(rows[name]['params']) > 0
+  md = open(os.path.join(out, 'ladder.md')).read()
+  assert '| ref | Swin-T (`swin_t`, reference) |' in md and '| 81.30 | 4.50 |' in md
+  assert '| ref | ViT-S/16 (`vit_s`, reference) |' in md and '| 79.80 | 4.60 |' in md
+  (group,) = json.load(open(os.path.join(out, 'ladder.json')))['groups']
+  assert [s['name'] for s in group['steps']] == ['resnet50']
+  refs = {r['name']: r for r in group['references']}
+  assert refs['swin_t']['paper_top1'] == 81.3 and refs['swin_t']['paper_gflops'] == 4.5
+  assert refs['vit_s']['mean'] == pytest.approx(float(rows['vit_s']['top1']))
+  assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
+  # A rerun finds all three done.
+  res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'run', '--out', out,
+                        '--references', '--options', 'smoke', '--steps', 'resnet50'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
