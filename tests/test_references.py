@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -91,7 +92,8 @@ def test_plan_adds_the_references_after_the_steps():
 
 
 def test_ladder_run_references_on_smoke_trains_them_and_show_draws_them(tmp_path):
-  """`ladder run --references --options smoke --steps resnet50 --show`."""
+  """`ladder run --references --options smoke --steps resnet50 --show`, then a trained reference
+  loads back for the analyses."""
   out = str(tmp_path / 'ladder')
   res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'run', '--out', out,
                         '--references', '--options', 'smoke', '--steps', 'resnet50', '--show'],
@@ -118,3 +120,13 @@ def test_ladder_run_references_on_smoke_trains_them_and_show_draws_them(tmp_path
                         '--references', '--options', 'smoke', '--steps', 'resnet50'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
+  # load_trained_model rebuilds the trained Swin with the checkpoint's weights.
+  from experiments.checkpoint import load_numpy, load_trained_model
+  workdir = os.path.join(out, 'runs', 'swin_t', 'seed0')
+  model, _ = load_trained_model(workdir)
+  _, saved = load_numpy(os.path.join(workdir, 'checkpoints'))
+  table = model.layers[2].blocks[0].attn.relative_position_bias_table[...]
+  np.testing.assert_array_equal(
+      table, saved['params']['layers']['2']['blocks']['0']['attn']
+      ['relative_position_bias_table']['value'])
+  assert model(np.zeros((2, 32, 32, 1), np.float32)).shape == (2, 10)
