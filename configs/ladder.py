@@ -2,8 +2,12 @@
 
   python -m experiments.train --config configs/ladder.py:patchify_stem,data=fashion_mnist,seed=1 \
       --workdir runs/patchify_stem
+  python -m experiments.train --config configs/ladder.py:swin_t,miniature --workdir runs/swin_t
 
-The argument after ':' is a step name followed by comma-separated options:
+The argument after ':' is a step name followed by comma-separated options. The step is a step of
+the ladder or one of the paper's transformer references, `swin_t` (Swin-T) or `vit_s` (ViT-S/16):
+those train under the enhanced recipe, as the steps from `enhanced_recipe` on, with the same
+options, shrunk by the same scale and for small images as `reference_model` says. Options:
   ladder=resnet50|resnet200   which ladder (default resnet50: Table 10)
   data=NAME                   fashion_mnist (default), cifar10, cifar100, imagenette, imagenet2012,
                               or folder:PATH (your images: PATH/{train,test}/<class>/*.png|jpg)
@@ -31,6 +35,7 @@ import os
 import ml_collections
 
 from modernize import ladder as ladders
+from modernize import presets
 from modernize.config import ConfigError
 
 # Model scales: depths are multiplied (and rounded, at least 1 block) and widths divided so that
@@ -102,6 +107,12 @@ MINIATURE = {
 
 LARGE_DATA = ('imagenet2012', 'imagenette')
 
+# The transformer references below 224 px (the miniature's 28/32 px): smaller patches and windows,
+# so that the token grids stay grids (at 32 px Swin's stage maps are 16, 8, 4, 2 and ViT sees 8x8
+# patches, as the ConvNets' 8x8 map after their stride-4 stem). At 224 px and above: the paper's
+# (Swin patch 4 window 7, ViT patch 16).
+SMALL_IMAGE_PATCHES = {'swin_t': dict(patch_size=2, window_size=4), 'vit_s': dict(patch_size=4)}
+
 
 def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
   parts = [p.strip() for p in (arg or 'convnext_t').split(',') if p.strip()]
@@ -132,10 +143,37 @@ def scaled_depths(depths, multiplier: float) -> tuple[int, ...]:
   return tuple(max(1, round(d * multiplier)) for d in depths)
 
 
+def reference_model(name: str, depth_multiplier: float, width_divisor: int,
+                    image_size: int) -> dict:
+  """The model fields of a transformer reference (`presets.REFERENCES`) at a scale and image size,
+  by the ConvNets' scale rule: depths multiplied (Swin's (2, 2, 6, 2) becomes (1, 1, 2, 1) at a
+  third, ViT's 12 blocks 4), the embedding width divided and the heads with it (at least one head:
+  Swin-T at scale cpu has widths 24, 48, 96, 192 and 1, 1, 3, 6 heads); below 224 px the patch
+  and window of `SMALL_IMAGE_PATCHES`. The input size (`img_size`) is the data's
+  (`data.image_size`), filled in by the trainer; classes and channels as for the ConvNets. `arch`
+  names the reference."""
+  cfg = presets.REFERENCES[name]()
+  values = cfg.to_dict()
+  del values['img_size']
+  values['arch'] = name
+  values['embed_dim'] = max(1, cfg.embed_dim // width_divisor)
+  if name == 'swin_t':
+    values['depths'] = scaled_depths(cfg.depths, depth_multiplier)
+    values['num_heads'] = tuple(max(1, h // width_divisor) for h in cfg.num_heads)
+  else:
+    values['depth'] = max(1, round(cfg.depth * depth_multiplier))
+    values['num_heads'] = max(1, cfg.num_heads // width_divisor)
+  if image_size < 224:
+    values.update(SMALL_IMAGE_PATCHES[name])
+  return values
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   step, options = _parse(arg)
   ladder = ladders.get_ladder(options.get('ladder', 'resnet50'))
-  ladder.step(step)  # unknown step: ConfigError naming it
+  reference = step in presets.REFERENCES
+  if not reference:
+    ladder.step(step)  # unknown step: ConfigError naming it
   smoke = options.get('smoke', 'false').lower() in ('1', 'true', 'yes')
   miniature = options.get('miniature', 'false').lower() in ('1', 'true', 'yes')
   if miniature and 'length' in options:
@@ -149,7 +187,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   scale = options.get('scale', 'tiny' if smoke else ('full' if large else 'cpu'))
   if scale not in SCALES:
     raise ConfigError(f'scale={scale!r}: must be one of {sorted(SCALES)}')
-  recipe_name = ladder.recipe(step)
+  # The references train under the enhanced recipe, as the ladder's last steps.
+  recipe_name = 'enhanced' if reference else ladder.recipe(step)
   recipe = RECIPES[recipe_name]
   if miniature:
     recipe = {**recipe, **MINIATURE[recipe_name]}
@@ -161,7 +200,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.ladder = ladder.name
   c.step = step
-  c.step_index = ladder.index(step)
+  c.step_index = -1 if reference else ladder.index(step)   # -1: a reference, not a step
   c.seed = _number(options, 'seed', int, 0)
   c.smoke = smoke
   c.miniature = miniature
@@ -169,7 +208,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = data
   c.data.dir = ''                      # tfds sets: '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.image_size = _number(options, 'image_size', int, 224 if large else 32)
+  c.data.image_size = _number(options, 'image_size', int, 224 if large and not smoke else 32)
   # Model input channels: 0 = the data's own (folder:PATH: 1 if every image is grayscale, else 3).
   c.data.channels = 3 if large or data.startswith('cifar') else 0 if data.startswith('folder:') \
       else 1
@@ -184,12 +223,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.scale.depth_multiplier, c.scale.width_divisor = SCALES[scale]
 
   # The network: the step's flags, scaled. Any NetConfig flag can be overridden here.
-  net = ladder.net_config(step)
-  c.model = ml_collections.ConfigDict(net.to_dict())
-  c.model.depths = scaled_depths(net.depths, c.scale.depth_multiplier)
-  c.model.width = max(1, net.width // c.scale.width_divisor)
+  if reference:
+    c.model = ml_collections.ConfigDict(reference_model(
+        step, c.scale.depth_multiplier, c.scale.width_divisor, c.data.image_size))
+  else:
+    net = ladder.net_config(step)
+    c.model = ml_collections.ConfigDict(net.to_dict())
+    c.model.depths = scaled_depths(net.depths, c.scale.depth_multiplier)
+    c.model.width = max(1, net.width // c.scale.width_divisor)
   c.model.drop_path_rate = recipe['drop_path_rate']
-  if 'layer_scale_init' in recipe and net.layer_scale_init > 0:   # only where the step has it
+  if 'layer_scale_init' in recipe and c.model.get('layer_scale_init', 0) > 0:   # where it is
     c.model.layer_scale_init = recipe['layer_scale_init']
   c.model.in_channels = c.data.channels or -1   # -1: taken from the data set
   c.model.num_classes = -1             # -1: taken from the data set
@@ -234,7 +277,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = _number(options, 'batch', int, 32)
     if 'epochs' not in options:
       c.epochs = 0.5 if recipe_name == 'original' else 0.5 * 300 / 90
-    c.data.image_size = _number(options, 'image_size', int, 32)
   longer = _number(options, 'longer', float, 1.0)
   if longer <= 0:
     raise ConfigError(f'longer={longer}: must be positive')

@@ -222,17 +222,28 @@ def load_trained_model(workdir: str, step: int | None = None):
 
   from flax import nnx
 
+  from modernize import presets
   from modernize.config import NetConfig
   from modernize.network import create_model
 
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   _, saved = load_numpy(os.path.join(workdir, 'checkpoints'), step)
+  params, image_size = saved['params'], config['data']['image_size']
   # Classes and input channels may be 'from the data' (-1) in the config: read them off the weights.
-  values = dict(config['model'], depths=tuple(config['model']['depths']),
-                num_classes=saved['params']['head']['fc']['bias']['value'].shape[0],
-                in_channels=saved['params']['stem']['conv']['kernel']['value'].shape[2])
-  model = create_model(NetConfig.from_dict(values), image_size=config['data']['image_size'])
+  values = dict(config['model'])
+  arch = values.pop('arch', None)
+  if arch is None:   # a step of the ladder
+    cfg = NetConfig.from_dict(dict(
+        values, depths=tuple(values['depths']),
+        num_classes=params['head']['fc']['bias']['value'].shape[0],
+        in_channels=params['stem']['conv']['kernel']['value'].shape[2]))
+  else:              # a transformer reference (experiments.train's net_config)
+    head = params['head']['fc'] if arch == 'swin_t' else params['head']
+    cfg = presets.preset(arch, **dict(
+        values, img_size=image_size, num_classes=head['bias']['value'].shape[0],
+        in_channels=params['patch_embed']['proj']['kernel']['value'].shape[2]))
+  model = create_model(cfg, image_size=image_size)
 
   def lookup(tree, path):
     for key in path:

@@ -2,8 +2,8 @@
 
   python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets | --side] [--json]
   python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side] [--jobs N]
-                                   [--options data=...,scale=...] [--set field=value ...]
-                                   [--plateau-check]
+                                   [--references] [--options data=...,scale=...]
+                                   [--set field=value ...] [--plateau-check]
   python -m experiments.ladder show --out DIR [--table PATH]
   python -m experiments.ladder calibrate --out DIR --recipe original|enhanced --validation N
                                          --grid field=v1,v2 [--grid ...] [--seeds N] [--options ...]
@@ -14,10 +14,12 @@
 adopted step it branches from; `--presets` the same for the named networks, the transformer
 references (Swin-T, ViT-S/16) beside their published GFLOPs.
 `run` trains each (step, seed) of the ladder once through `experiments.train` (finished ones, found
-in DIR/steps.csv, are skipped; an interrupted one resumes). `show` renders DIR/steps.csv as
-DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the change from the
-previous adopted step, whether it is beyond 2 standard errors, and whether it agrees in sign
-with the paper).
+in DIR/steps.csv, are skipped; an interrupted one resumes); `--references` adds the transformer
+references Swin-T and ViT-S/16 (`swin_t`, `vit_s`), trained under the enhanced recipe with the same
+options, and `show` draws them as reference lines beside the paper's figures. `show` renders
+DIR/steps.csv as DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the
+change from the previous adopted step, whether it is beyond 2 standard errors, and whether it
+agrees in sign with the paper).
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--side', action='store_true',
                    help='include the side branches (kernel 5/9/11, grn, mhsa_last_stage)')
   run.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1 per step')
+  run.add_argument('--references', action='store_true',
+                   help='also train the transformer references swin_t and vit_s (enhanced recipe, '
+                        'same options)')
   run.add_argument('--options', default='',
                    help='config options after the step name, e.g. data=fashion_mnist,scale=cpu')
   run.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
       ladder_run.run(args.out, ladder_name=args.ladder,
                      steps=[s for s in args.steps.split(',') if s] or None, seeds=args.seeds,
                      side=args.side, options=args.options, overrides=args.set,
-                     isolate=args.isolate, jobs=args.jobs)
+                     isolate=args.isolate, jobs=args.jobs, references=args.references)
     if args.command == 'show' or args.show:
       for path in ladder_view.show(args.out, getattr(args, 'table', None), args.note):
         print(f'wrote {path}')

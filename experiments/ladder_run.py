@@ -17,21 +17,26 @@ import time
 from experiments import outputs, steptable
 from experiments.cli import UsageError
 from modernize import ladder as ladders
+from modernize import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'ladder.py')
 
 
-def plan(ladder_name: str, steps: list[str] | None, seeds: int, side: bool) -> list[tuple[str, int]]:
+def plan(ladder_name: str, steps: list[str] | None, seeds: int, side: bool,
+         references: bool = False) -> list[tuple[str, int]]:
   """(step, seed) pairs in ladder order: every adopted step (and side branches with `side`), or
-  exactly `steps`."""
+  exactly `steps`; then, with `references` (or where `steps` names them), the transformer
+  references Swin-T and ViT-S (`presets.REFERENCES`: `swin_t`, `vit_s`)."""
   ladder = ladders.get_ladder(ladder_name)
   if steps:
     for name in steps:
-      ladder.step(name)                      # unknown step: ConfigError naming it
+      if name not in presets.REFERENCES:
+        ladder.step(name)                    # unknown step: ConfigError naming it
     names = [n for n in ladder.names() if n in steps]
   else:
     names = ladder.names(include_side=side)
+  names += [n for n in presets.REFERENCES if references or n in (steps or ())]
   if seeds < 1:
     raise UsageError(f'--seeds must be at least 1, got {seeds}')
   return [(name, seed) for name in names for seed in range(seeds)]
@@ -151,15 +156,17 @@ def core_groups(jobs: int) -> list[set[int] | None]:
 
 def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
         seeds: int = 1, side: bool = False, options: str = '', overrides: list[str] = (),
-        isolate: bool = False, env: dict | None = None, jobs: int = 1) -> int:
-  """Trains what is missing; returns the number of runs trained now. Runs train in this process
+        isolate: bool = False, env: dict | None = None, jobs: int = 1,
+        references: bool = False) -> int:
+  """Trains what is missing; returns the number of runs trained now (`references`: Swin-T and
+  ViT-S too, under the same options, after the ladder's steps). Runs train in this process
   (one import, one compilation cache), or each in its own process with `isolate`, or `jobs` at a
   time, each in its own process pinned to its share of the cores (on a few cores, two small runs
   side by side train more images per second than one run on both)."""
   if jobs < 1:
     raise UsageError(f'--jobs must be at least 1, got {jobs}')
   groups = core_groups(jobs)
-  pairs = plan(ladder_name, steps, seeds, side)
+  pairs = plan(ladder_name, steps, seeds, side, references)
   os.makedirs(out, exist_ok=True)
   table = os.path.join(out, 'steps.csv')
   configs = {pair: _resolve(_config_arg(*pair, ladder_name, options), list(overrides))

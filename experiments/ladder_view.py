@@ -13,6 +13,12 @@ The same numbers, machine-readable, go to OUT/ladder.json (see `as_json`): per g
 mean, std and standard error over seeds, the change from the previous adopted step with its
 standard error, whether it is resolved (outside the noise), the paper's change over the same two
 steps and whether ours has its sign; per group, how many resolved changes agree with the paper.
+
+Rows of the transformer references (`swin_t`, `vit_s`: `ladder run --references`) are not steps:
+each group's table lists them under its steps (mean ± std, n, beside the paper's Swin-T 81.3% /
+4.5 GFLOPs and DeiT-S 79.8% / 4.6 GFLOPs), the chart draws them as vertical lines across the bars
+(ours on the left, the paper's on the right) and ladder.json gives them per group under
+'references'.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import statistics
 from experiments import outputs, steptable
 from experiments.cli import UsageError
 from modernize import ladder as ladders
+from modernize import presets
 
 GROUP_COLOURS = {
     'baseline': '#9e9e9e', 'training recipe': '#8d6e63', 'macro design': '#42a5f5',
@@ -82,6 +89,44 @@ def _same_sign(ours: float | None, paper: float | None) -> bool | None:
   return (ours > 0) == (paper > 0)
 
 
+def _group_key(r: dict) -> tuple:
+  """(ladder, data, scale, image_size) of a row; runs of another compute dtype than float32 form
+  their own group (scale 'cpu-bfloat16')."""
+  dtype = r.get('dtype') or 'float32'
+  scale = r['scale'] if dtype == 'float32' else f"{r['scale']}-{dtype}"
+  return (r.get('ladder') or 'resnet50', r['data'], scale, r['image_size'])
+
+
+def _run_stats(runs: list[dict]) -> dict:
+  """What a step's (or a reference's) runs give over seeds: n, mean top-1 (NaN without any), its
+  std and standard error, the validation top-1, params, GMACs, speed and time per run."""
+  top1 = _values(runs, 'top1')
+  mean, std = _mean_std(top1)
+  val_mean, val_std = _mean_std(_values(runs, 'val_top1'))
+  return {
+      'n': len(top1), 'top1': math.nan if mean is None else mean, 'std': std,
+      'se': _se(std, len(top1)), 'val_top1': val_mean, 'val_std': val_std,
+      'seeds': sorted(int(r['seed']) for r in runs),
+      'params': int(runs[0]['params']), 'gmacs': _float(runs[0]['gmacs']),
+      'img_per_s': statistics.fmean(_float(r['train_img_per_s'], 0.0) for r in runs),
+      'wall_s': statistics.fmean(_float(r['wall_s'], 0.0) for r in runs),
+  }
+
+
+def reference_summaries(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """{(ladder, data, scale, image_size): [one summary per transformer reference trained there]}:
+  `_run_stats` plus 'step', 'label' and the published 'paper_top1' / 'paper_gflops'."""
+  groups = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in rows:
+    if r['step'] in presets.REFERENCES:
+      groups[_group_key(r)][r['step']].append(r)
+  return {key: [{'step': name, 'label': presets.REFERENCE_LABELS[name],
+                 **_run_stats(by_step[name]), 'paper_top1': presets.REFERENCE_TOP1[name],
+                 'paper_gflops': presets.REFERENCE_GFLOPS[name]}
+                for name in presets.REFERENCES if name in by_step]
+          for key, by_step in groups.items()}
+
+
 def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
   """{(ladder, data, scale, image_size): [one summary per step, in ladder order]}; rows of a
   compute dtype other than float32 have it appended to their scale ('cpu-bfloat16').
@@ -94,30 +139,17 @@ def summarize(rows: list[dict]) -> dict[tuple, list[dict]]:
   """
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in rows:
-    # Runs of another compute dtype than float32 form their own group (scale 'cpu-bfloat16').
-    dtype = r.get('dtype') or 'float32'
-    scale = r['scale'] if dtype == 'float32' else f"{r['scale']}-{dtype}"
-    key = (r.get('ladder') or 'resnet50', r['data'], scale, r['image_size'])
-    groups[key][r['step']].append(r)
+    if r['step'] not in presets.REFERENCES:   # those: reference_summaries
+      groups[_group_key(r)][r['step']].append(r)
   out = {}
   for key, by_step in groups.items():
     ladder = ladders.get_ladder(key[0])
     known = [s for s in ladder.steps if s.name in by_step]
     summaries, previous = [], None
     for step in known:
-      runs = by_step[step.name]
-      top1 = _values(runs, 'top1')
-      mean, std = _mean_std(top1)
-      val_mean, val_std = _mean_std(_values(runs, 'val_top1'))
       s = {
           'step': step.name, 'label': step.label, 'group': step.group, 'adopted': step.adopted,
-          'index': ladder.names().index(step.name), 'n': len(top1),
-          'top1': math.nan if mean is None else mean, 'std': std, 'se': _se(std, len(top1)),
-          'val_top1': val_mean, 'val_std': val_std,
-          'seeds': sorted(int(r['seed']) for r in runs),
-          'params': int(runs[0]['params']), 'gmacs': _float(runs[0]['gmacs']),
-          'img_per_s': statistics.fmean(_float(r['train_img_per_s'], 0.0) for r in runs),
-          'wall_s': statistics.fmean(_float(r['wall_s'], 0.0) for r in runs),
+          'index': ladder.names().index(step.name), **_run_stats(by_step[step.name]),
           'paper_top1': step.paper_top1, 'paper_std': step.paper_top1_std,
           'paper_gflops': step.paper_gflops, 'delta': None, 'delta_se': None,
           'within_noise': None, 'paper_delta': None, 'agrees': None,
@@ -167,14 +199,36 @@ def _json_summary(steps: list[dict]) -> dict:
           'resolved_agree': sum(s['agrees'] is True for s in resolved)}
 
 
-def as_json(groups: dict[tuple, list[dict]]) -> dict:
+def _json_reference(s: dict) -> dict:
+  return {'name': s['step'], 'label': s['label'], 'n': s['n'], 'mean': _number(s['top1']),
+          'std': _number(s['std']), 'se': _number(s['se']), 'params': s['params'],
+          'gmacs': _number(s['gmacs']), 'val_mean': _number(s['val_top1']),
+          'val_std': _number(s['val_std']), 'paper_top1': s['paper_top1'],
+          'paper_gflops': s['paper_gflops']}
+
+
+def _keys(groups: dict, references: dict | None) -> list[tuple]:
+  """The groups' keys, then those of groups that hold only references."""
+  return list(groups) + [k for k in (references or {}) if k not in groups]
+
+
+def as_json(groups: dict[tuple, list[dict]], references: dict | None = None) -> dict:
   """`summarize`'s groups as OUT/ladder.json's object: {'groups': [{'ladder', 'data', 'scale',
-  'image_size', 'steps': [one per step, in ladder order], 'summary'}]}."""
-  return {'groups': [
-      {'ladder': ladder, 'data': data, 'scale': scale,
-       'image_size': int(size) if str(size).isdigit() else size,
-       'steps': [_json_step(s) for s in steps], 'summary': _json_summary(steps)}
-      for (ladder, data, scale, size), steps in groups.items()]}
+  'image_size', 'steps': [one per step, in ladder order], 'summary'}]}; a group where
+  transformer references were trained (`reference_summaries`) has 'references' too: per
+  reference its name, label, n, mean, std, se, params, GMACs, validation top-1 and the paper's
+  top-1 and GFLOPs."""
+  out = []
+  for key in _keys(groups, references):
+    ladder, data, scale, size = key
+    steps = groups.get(key, [])
+    group = {'ladder': ladder, 'data': data, 'scale': scale,
+             'image_size': int(size) if str(size).isdigit() else size,
+             'steps': [_json_step(s) for s in steps], 'summary': _json_summary(steps)}
+    if (references or {}).get(key):
+      group['references'] = [_json_reference(r) for r in references[key]]
+    out.append(group)
+  return {'groups': out}
 
 
 def _extra_columns(out: str) -> dict:
@@ -185,11 +239,19 @@ def _extra_columns(out: str) -> dict:
     return json.load(f)
 
 
-def markdown(groups: dict[tuple, list[dict]], extra: dict, note: str = '') -> str:
+def _top1_cell(s: dict) -> str:
+  std = f' ± {s["std"]:.2f}' if s['std'] is not None else ''
+  return f'{s["top1"]:.2f}{std} (n={s["n"]})'
+
+
+def markdown(groups: dict[tuple, list[dict]], extra: dict, note: str = '',
+             references: dict | None = None) -> str:
   has_cka = any(v.get('cka_prev') is not None for v in extra.values())
   has_bias = any(v.get('shape_bias') is not None for v in extra.values())
   lines = []
-  for (ladder, data, scale, size), steps in groups.items():
+  for key in _keys(groups, references):
+    (ladder, data, scale, size), steps = key, groups.get(key, [])
+    refs = (references or {}).get(key, [])
     lines += [f'### {ladder} ladder on {data}, scale {scale}, {size}x{size}', '']
     if note:
       lines += [f'**{note}**', '']
@@ -199,8 +261,7 @@ def markdown(groups: dict[tuple, list[dict]], extra: dict, note: str = '') -> st
     head += ['paper top-1', 'paper GFLOPs']
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for s in steps:
-      std = f' ± {s["std"]:.2f}' if s['std'] is not None else ''
-      top1 = f'{s["top1"]:.2f}{std} (n={s["n"]})'
+      top1 = _top1_cell(s)
       delta = ''
       if s['delta'] is not None:
         mark = {True: ' ~', False: '', None: ' ?'}[s['within_noise']]
@@ -219,23 +280,40 @@ def markdown(groups: dict[tuple, list[dict]], extra: dict, note: str = '') -> st
         row.append('' if e.get('shape_bias') is None else f'{e["shape_bias"]:.3f}')
       row += [paper, f'{s["paper_gflops"]:.2f}' if s['paper_gflops'] else '']
       lines.append('| ' + ' | '.join(row) + ' |')
+    for r in refs:
+      speed = f'{r["img_per_s"]:.0f}' if r['img_per_s'] else '–'
+      row = ['ref', f'{r["label"]} (`{r["step"]}`, reference)', _top1_cell(r), '',
+             f'{r["params"]:,}', f'{r["gmacs"]:.4f}', speed, f'{r["wall_s"]:.0f}']
+      row += [''] * (has_cka + has_bias) + [f'{r["paper_top1"]:.2f}', f'{r["paper_gflops"]:.2f}']
+      lines.append('| ' + ' | '.join(row) + ' |')
     lines += ['', 'Δ prev: change of mean top-1 from the previous adopted step; "~": within the '
               'noise (|Δ| <= 2 standard errors over seeds); "?": one seed, no noise estimate. '
               'GMACs at this image size; paper figures are ImageNet-1K at 224x224 (Table 10/11).',
               '']
+    if refs:
+      lines += ['ref: a transformer reference (`ladder run --references`), trained under the '
+                'enhanced recipe with the same options, shrunk by the same scale (configs/ladder.py, '
+                '`reference_model`); paper: Swin-T 81.3 / 4.5 GFLOPs (Swin paper, ConvNeXt paper '
+                'Table 1), ViT-S/16 = DeiT-S 79.8 / 4.6 GFLOPs (DeiT paper Table 1).', '']
   return '\n'.join(lines)
 
 
-def chart(steps: list[dict], title: str, path: str) -> None:
+REFERENCE_COLOURS = {'swin_t': '#37474f', 'vit_s': '#d81b60'}
+
+
+def chart(steps: list[dict], title: str, path: str, references: list[dict] = ()) -> None:
   """Figure 2 in spirit: a bar per step, top to bottom, coloured by the paper's groups; ours with
-  error bars and GMACs on the left, the paper's ImageNet top-1 on the right; side branches hatched."""
+  error bars and GMACs on the left, the paper's ImageNet top-1 on the right; side branches hatched.
+  Each transformer reference (`reference_summaries`) is a dashed vertical line: ours on the left
+  (its mean top-1), the paper's on the right."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
   from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
 
   n = len(steps)
-  fig, (ours, paper) = plt.subplots(1, 2, figsize=(13, 0.42 * n + 1.8), sharey=True,
+  fig, (ours, paper) = plt.subplots(1, 2, figsize=(13, 0.42 * max(n, 2) + 1.8), sharey=True,
                                     gridspec_kw={'width_ratios': [3, 2]})
   y = list(range(n))[::-1]
   colours = [GROUP_COLOURS.get(s['group'], '#607d8b') for s in steps]
@@ -249,7 +327,8 @@ def chart(steps: list[dict], title: str, path: str) -> None:
               xerr=e, error_kw={'ecolor': 'black', 'capsize': 3}, height=0.7)
 
   ours_vals = [s['top1'] for s in steps]
-  valid = [v for v in ours_vals if not math.isnan(v)] or [0.0]
+  ref_vals = [r['top1'] for r in references if not math.isnan(r['top1'])]
+  valid = [v for v in ours_vals if not math.isnan(v)] + ref_vals or [0.0]
   spread = max(max(valid) - min(valid), 1.0)
   lo = max(0.0, min(valid) - 0.6 * spread)
   bars(ours, ours_vals, [s['std'] or 0.0 for s in steps], lo)
@@ -262,7 +341,7 @@ def chart(steps: list[dict], title: str, path: str) -> None:
   ours.set_yticks(y, [s['label'] for s in steps], fontsize=9)
 
   p_vals = [s['paper_top1'] for s in steps]
-  p_valid = [v for v in p_vals if v is not None]
+  p_valid = [v for v in p_vals if v is not None] + [r['paper_top1'] for r in references]
   if p_valid:
     plo = min(p_valid) - 1.5
     bars(paper, [v if v is not None else math.nan for v in p_vals],
@@ -280,6 +359,14 @@ def chart(steps: list[dict], title: str, path: str) -> None:
   handles = [Patch(color=GROUP_COLOURS.get(g, '#607d8b'), label=g) for g in used]
   if any(not s['adopted'] for s in steps):
     handles.append(Patch(facecolor='white', edgecolor='black', hatch='//', label='not adopted'))
+  for r in references:
+    colour = REFERENCE_COLOURS.get(r['step'], 'black')
+    if not math.isnan(r['top1']):
+      ours.axvline(r['top1'], color=colour, linestyle='--', linewidth=1.2)
+    paper.axvline(r['paper_top1'], color=colour, linestyle='--', linewidth=1.2)
+    ours_text = 'no top-1' if math.isnan(r['top1']) else f'{r["top1"]:.1f} (n={r["n"]})'
+    handles.append(Line2D([], [], color=colour, linestyle='--', label=(
+        f'{r["label"]}: ours {ours_text}, paper {r["paper_top1"]} ({r["paper_gflops"]}G)')))
   fig.legend(handles=handles, loc='lower center', ncol=min(len(handles), 7), fontsize=8,
              frameon=False)
   fig.suptitle(title, fontsize=11)
@@ -297,26 +384,28 @@ def show(out: str, table: str | None = None, note: str = '') -> list[str]:
   if not rows:
     raise UsageError(f'no finished runs in {table}: train some first '
                      f'(python -m experiments.ladder run --out {out})')
-  groups = summarize(rows)
+  groups, references = summarize(rows), reference_summaries(rows)
+  keys = _keys(groups, references)
   extra = _extra_columns(out)
   os.makedirs(out, exist_ok=True)
   written = []
   md = os.path.join(out, 'ladder.md')
-  outputs.write_atomic(md, markdown(groups, extra, note))
+  outputs.write_atomic(md, markdown(groups, extra, note, references))
   written.append(md)
   path = os.path.join(out, 'ladder.json')
-  outputs.write_atomic(path, json.dumps(as_json(groups), indent=1, allow_nan=False) + '\n')
+  outputs.write_atomic(path, json.dumps(as_json(groups, references), indent=1, allow_nan=False)
+                       + '\n')
   written.append(path)
-  largest = max(groups, key=lambda k: len(groups[k]))
-  for key, steps in groups.items():
-    ladder, data, scale, size = key
+  largest = max(keys, key=lambda k: len(groups.get(k, [])) + len(references.get(k, [])))
+  for key in keys:
+    (ladder, data, scale, size), steps = key, groups.get(key, [])
     title = f'{ladder} ladder on {data} (scale {scale}, {size}x{size}): ours vs the paper'
     if note:
       title += f'\n{note}'
     names = [os.path.join(out, 'ladder.png')] if key == largest else []
-    if len(groups) > 1:
+    if len(keys) > 1:
       names.append(os.path.join(out, f'ladder_{data}_{scale}_{size}.png'))
     for path in names:
-      chart(steps, title, path)
+      chart(steps, title, path, references.get(key, []))
       written.append(path)
   return written

@@ -40,10 +40,10 @@ from experiments import datasets, mixing, outputs, pipeline, steptable
 from experiments.checkpoint import Checkpoints
 from experiments.cli import UsageError
 from experiments.malloc import keep_freed_memory
-from modernize import backend
+from modernize import backend, presets
 from modernize.config import NetConfig, feature_size, min_image_size
 from modernize.flops import count_macs
-from modernize.network import Network, count_params
+from modernize.network import build, count_params, model_class
 
 
 class TrainingDiverged(Exception):
@@ -122,10 +122,31 @@ def learning_rate(config, schedule: Schedule) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=o.min_lr)
 
 
-def optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
+def _key_name(key) -> str:
+  return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+
+
+def decay_mask(params, no_decay=frozenset()):
+  """The enhanced recipe's weight-decay mask: True for weights with ndim > 1 (not biases, norms
+  or LayerScale), except parameters named in `no_decay` (`no_weight_decay`: a transformer's
+  position embeddings, class token and relative position bias tables, as timm)."""
+  def decays(path, p):
+    return p.ndim > 1 and not any(_key_name(k) in no_decay for k in path)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def no_weight_decay(cfg) -> frozenset[str]:
+  """Names of the parameters of `cfg`'s module that are never decayed (its class's
+  `NO_WEIGHT_DECAY`; none for a `Network`)."""
+  return frozenset(getattr(model_class(cfg), 'NO_WEIGHT_DECAY', ()))
+
+
+def optimizer(config, lr: optax.Schedule,
+              no_decay: frozenset[str] = frozenset()) -> optax.GradientTransformation:
+  """The recipe's optimizer; `decay_all` false: decay masked by `decay_mask` (`no_decay`: the
+  names `no_weight_decay` gives for the model)."""
   o = config.optimizer
-  # The enhanced recipe decays only weights with ndim > 1: not biases, norms or LayerScale.
-  mask = None if o.decay_all else (lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+  mask = None if o.decay_all else (lambda params: decay_mask(params, no_decay))
   if o.optimizer == 'sgd':
     # PyTorch's SGD adds weight decay to the gradient before momentum.
     tx = optax.chain(optax.masked(optax.add_decayed_weights(o.weight_decay), mask)
@@ -142,14 +163,21 @@ def optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
 
 # --- configuration --------------------------------------------------------------------------------
 
-def net_config(config, num_classes: int, in_channels: int = 1) -> NetConfig:
-  """The network of `config`; num_classes / in_channels of -1 are taken from the data."""
+def net_config(config, num_classes: int, in_channels: int = 1):
+  """The network of `config`: a `NetConfig`, or with `model.arch` the transformer reference's
+  `SwinConfig` / `ViTConfig` built for `data.image_size`; num_classes / in_channels of -1 are
+  taken from the data."""
   values = config.model.to_dict()
   if values.get('num_classes', -1) == -1:
     values['num_classes'] = num_classes
   if values.get('in_channels', -1) == -1:
     values['in_channels'] = in_channels
-  return NetConfig.from_dict(values)
+  arch = values.pop('arch', None)
+  if arch is None:
+    return NetConfig.from_dict(values)
+  if arch not in presets.REFERENCES:
+    raise UsageError(f'model.arch={arch!r}: must be one of {sorted(presets.REFERENCES)}')
+  return presets.preset(arch, **values, img_size=config.data.image_size)
 
 
 def data_channels(config, info: datasets.DataInfo) -> int:
@@ -215,7 +243,7 @@ def paper_epochs(config) -> float:
 def _image_size_problem(config) -> str | None:
   """Why the network cannot take config.data.image_size (its last feature map would be empty)."""
   cfg, size = net_config(config, num_classes=1), config.data.image_size
-  if size >= min_image_size(cfg):
+  if not isinstance(cfg, NetConfig) or size >= min_image_size(cfg):   # a reference checks itself
     return None
   side = feature_size(cfg, size)
   return (f'data.image_size={size} is too small for {config.step}: its last feature map would be '
@@ -279,18 +307,18 @@ def validate(config, workdir: str | None = None) -> None:
 
 # --- state and steps ------------------------------------------------------------------------------
 
-def create_state(config, cfg: NetConfig, tx, sharding=None):
+def create_state(config, cfg, tx, sharding=None):
   """The model's graph, its constant part, and the train state pytree (params, BN statistics,
   optimizer state, step counter), initialised by one jitted function (eager init would compile a
   small program per parameter shape)."""
-  def build():
-    return Network(cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
-                   image_size=config.data.image_size)
+  def make():
+    return build(cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+                 image_size=config.data.image_size)
 
-  graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.BatchStat, ...)[0]
+  graphdef = nnx.split(nnx.eval_shape(make), nnx.Param, nnx.BatchStat, ...)[0]
 
   def init():
-    _, params, batch_stats, constants = nnx.split(build(), nnx.Param, nnx.BatchStat, ...)
+    _, params, batch_stats, constants = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
     state = {'params': params, 'batch_stats': batch_stats, 'opt': tx.init(params),
              'step': jnp.zeros((), jnp.int32),
              # The seed travels as data, not as a constant of the compiled step, so that runs
@@ -581,7 +609,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   schedule = Schedule(num_train / config.batch_size, config.epochs, paper_epochs(config))
   lr = learning_rate(config, schedule)
-  tx = optimizer(config, lr)
+  tx = optimizer(config, lr, no_weight_decay(cfg))
   with watch.phase('init_s'):
     graphdef, constants, state = create_state(config, cfg, tx, replicated)
 

@@ -389,6 +389,10 @@ class SwinTransformer(nnx.Module):
   between them, a final LayerNorm, global average pooling and the classifier. Input NHWC at
   `cfg.img_size`; output float32 logits."""
 
+  # Parameters the trainer never decays (by leaf name), beside biases and norms: timm's
+  # `no_weight_decay_keywords`.
+  NO_WEIGHT_DECAY = frozenset({'relative_position_bias_table'})
+
   def __init__(self, cfg: SwinConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype = compute_dtype(cfg)
@@ -464,6 +468,10 @@ class VisionTransformer(nnx.Module):
   token prepended, a learned position embedding added (class token included), pre-norm blocks, a
   final LayerNorm, the class token's features to the classifier. Input NHWC at `cfg.img_size`;
   output float32 logits."""
+
+  # Parameters the trainer never decays (by leaf name), beside biases and norms: timm's
+  # `no_weight_decay()` (its 'dist_token' does not exist here).
+  NO_WEIGHT_DECAY = frozenset({'pos_embed', 'cls_token'})
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
