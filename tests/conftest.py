@@ -9,13 +9,20 @@ import pytest
 # The session's caches, not the user's (~/.cache/modernize), removed when the session ends:
 # training subprocesses share one compilation cache (the same smoke configs are compiled by several
 # tests), and the native depthwise kernel is built once into a cache of its own.
-_SESSION_DIR = tempfile.mkdtemp(prefix='modernize-test-')
+# Under pytest-xdist (`make test`: two workers) the workers inherit the controlling process's
+# directory through the environment, so they share its caches too; the process that made the
+# directory removes it.
+_OWN_DIR = 'MODERNIZE_TEST_SESSION_DIR' not in os.environ
+if _OWN_DIR:
+  os.environ['MODERNIZE_TEST_SESSION_DIR'] = tempfile.mkdtemp(prefix='modernize-test-')
+_SESSION_DIR = os.environ['MODERNIZE_TEST_SESSION_DIR']
 os.environ.setdefault('MODERNIZE_COMPILATION_CACHE', os.path.join(_SESSION_DIR, 'jax'))
 os.environ.setdefault('MODERNIZE_CACHE_DIR', os.path.join(_SESSION_DIR, 'native'))
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+  if _OWN_DIR:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""The ladder run and view: the whole flow on the smoke option, resume after a kill, rendering."""
+"""The ladder run and view: resume after a kill, the plan, rendering. (The whole ladder on the smoke
+option: tests/test_no_tensorflow.py.)"""
 
 import csv
 import json
@@ -18,28 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def ladder_cmd(*args):
   return [sys.executable, '-m', 'experiments.ladder', *args]
-
-
-def test_full_ladder_on_smoke(tmp_path):
-  """Every adopted step of the main ladder trains and the view renders it. (Each side branch's
-  network trains in tests/test_network.py; their rows in the view: test_show_partial_...)"""
-  out = str(tmp_path / 'ladder')
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke', '--show',
-                                  '--jobs', str(min(2, len(os.sched_getaffinity(0))))),
-                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
-  assert res.returncode == 0, res.stderr[-3000:]
-  rows = steptable.read_rows(os.path.join(out, 'steps.csv'))
-  adopted = LADDER.names(include_side=False)
-  assert sorted(r['step'] for r in rows) == sorted(adopted)   # in the order they finished
-  md = open(os.path.join(out, 'ladder.md')).read()
-  table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
-  assert len(table_rows) == len(adopted) == 14 and not any('(side)' in l for l in table_rows)
-  assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
-  # A second run trains nothing.
-  res = subprocess.run(ladder_cmd('run', '--out', out, '--options', 'smoke'), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-  assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
-  assert len(steptable.read_rows(os.path.join(out, 'steps.csv'))) == 14
 
 
 def test_plan_takes_side_branches_with_side_or_by_name():

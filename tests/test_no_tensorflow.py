@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from experiments import datasets
+from experiments import datasets, steptable
+from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,18 +49,34 @@ def test_the_blocker_blocks(without_tensorflow):
   assert out.split() == ['None', 'None', 'unimportable']
 
 
-def test_train_ladder_and_analyze_without_tensorflow(without_tensorflow, tmp_path):
+def test_full_ladder_on_smoke_and_analyze_without_tensorflow(without_tensorflow, tmp_path):
+  """Every adopted step of the main ladder trains (two runs at a time, each its own `python -m
+  experiments.train` process, with a validation split), the view renders it, a second run trains
+  nothing, and the analyses run: all without TensorFlow. (Each side branch's network trains in
+  tests/test_network.py; the view's side-branch rows: tests/test_ladder.py.)"""
   out = tmp_path / 'ladder'
-  # --isolate: each run is `python -m experiments.train` in its own process.
-  without_tensorflow('-m', 'experiments.ladder', 'run', '--out', str(out), '--isolate',
-                     '--steps', 'resnet50,convnext_t', '--seeds', '1', '--options', 'smoke',
-                     '--set', 'data.validation=500', '--show')
-  rows = (out / 'steps.csv').read_text().splitlines()
-  assert len(rows) == 3 and rows[1].startswith('resnet50,resnet50,0,0,fashion_mnist,')
+  jobs = str(min(2, len(os.sched_getaffinity(0))))
+  without_tensorflow('-m', 'experiments.ladder', 'run', '--out', str(out), '--options', 'smoke',
+                     '--set', 'data.validation=500', '--jobs', jobs, '--show', timeout=1500)
+  rows = steptable.read_rows(str(out / 'steps.csv'))
+  adopted = LADDER.names(include_side=False)
+  assert sorted(r['step'] for r in rows) == sorted(adopted)   # in the order they finished
+  assert all(r['validation'] == '500' and r['data'] == 'fashion_mnist' for r in rows)
+  md = (out / 'ladder.md').read_text()
+  table_rows = [line for line in md.splitlines() if line.startswith('| ') and line[2].isdigit()]
+  assert len(table_rows) == len(adopted) == 14 and not any('(side)' in l for l in table_rows)
+  assert (out / 'ladder.png').stat().st_size > 10_000
   summary = json.loads((out / 'ladder.json').read_text())
-  assert [s['name'] for s in summary['groups'][0]['steps']] == ['resnet50', 'convnext_t']
-  without_tensorflow('-m', 'experiments.analyze', 'cka', '--out', str(out))
-  without_tensorflow('-m', 'experiments.analyze', 'bias', '--out', str(out), '--num', '200')
+  assert [s['name'] for s in summary['groups'][0]['steps']] == adopted
+  # A second run trains nothing.
+  again = without_tensorflow('-m', 'experiments.ladder', 'run', '--out', str(out), '--options',
+                             'smoke', '--set', 'data.validation=500')
+  assert '0 to train' in again
+  assert len(steptable.read_rows(str(out / 'steps.csv'))) == 14
+  without_tensorflow('-m', 'experiments.analyze', 'cka', '--out', str(out),
+                     '--steps', 'resnet50,convnext_t')
+  without_tensorflow('-m', 'experiments.analyze', 'bias', '--out', str(out), '--num', '200',
+                     '--steps', 'resnet50,convnext_t')
   cka = json.loads((out / 'analysis' / 'cka.json').read_text())
   assert cka['steps'] == ['resnet50', 'convnext_t'] and cka['num_examples'] == 10000
   assert (out / 'analysis' / 'bias.json').exists()
