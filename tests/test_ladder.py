@@ -35,32 +35,31 @@ def test_killed_ladder_resumes_without_retraining(tmp_path):
   """Two runs at a time (--jobs 2), killed with the whole process group, then run again."""
   out = str(tmp_path / 'ladder')
   args = ('run', '--out', out, '--options', 'smoke', '--steps',
-          'resnet50,stage_ratio,patchify_stem', '--seeds', '2', '--jobs', '2')
+          'resnet50,stage_ratio', '--seeds', '2', '--jobs', '2')
   proc = subprocess.Popen(ladder_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   table = os.path.join(out, 'steps.csv')
   deadline = time.time() + 600
-  while time.time() < deadline and len(steptable.read_rows(table)) < 3:
+  while time.time() < deadline and len(steptable.read_rows(table)) < 1:   # killed mid-ladder
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.1)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   done_before = {(r['step'], r['seed']) for r in steptable.read_rows(table)}
-  assert 3 <= len(done_before) < 6
-  times = os.path.join(out, 'run_times.jsonl')
-  with open(times) as f:
-    timed_before = len(f.readlines())
+  assert 1 <= len(done_before) < 4
+  times = os.path.join(out, 'run_times.jsonl')   # written after a run's row: may not exist yet
+  timed_before = len(open(times).readlines()) if os.path.exists(times) else 0
   res = subprocess.run(ladder_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   assert f'{len(done_before)} already in' in res.stdout
   rows = steptable.read_rows(table)
   pairs = [(r['step'], r['seed']) for r in rows]
-  assert len(pairs) == len(set(pairs)) == 6           # each (step, seed) exactly once
+  assert len(pairs) == len(set(pairs)) == 4           # each (step, seed) exactly once
   if len(os.sched_getaffinity(0)) >= 2:                # each run pinned to its share: one core
     assert {r['cpu_cores'] for r in rows} == {'1'}
   with open(times) as f:
     trained_after = {(t['step'], str(t['seed'])) for t in map(json.loads, f.readlines()[timed_before:])}
-  assert trained_after.isdisjoint(done_before) and len(trained_after) == 6 - len(done_before)
+  assert trained_after.isdisjoint(done_before) and len(trained_after) == 4 - len(done_before)
 
 
 def _row(step, seed, top1, data='fashion_mnist', scale='cpu', size=32):
