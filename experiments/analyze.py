@@ -1,7 +1,9 @@
 """Look inside the ladder: representations (linear CKA), shape bias and error consistency.
 
-  python -m experiments.analyze cka  --out DIR [--steps a,b,...] [--seed N] [--batch-size B]
-  python -m experiments.analyze bias --out DIR [--steps a,b,...] [--seed N] [--batch-size B]
+  python -m experiments.analyze cka  --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
+                                     [--seed N] [--batch-size B]
+  python -m experiments.analyze bias --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
+                                     [--seed N] [--batch-size B]
 
 Both read the trained runs DIR/runs/STEP/seedN/ (workdirs of `experiments.train`, as laid out by
 `experiments.ladder run`); by default every step present, in ladder order. Outputs go to
@@ -19,7 +21,15 @@ every analysed step (same seed), from which come
   * within one model, stage against stage -> cka_within_<step>.png;
   * the same layer across all steps (step x step) -> cka_steps.png, and CKA to the reference, to the
     first and to the last step, per stage along the ladder -> cka_along_ladder.png;
-  * cka_prev = the mean over the four stages of CKA to the reference step (null for the first).
+  * cka_prev = the mean over the four stages of CKA to the reference step (null for the first);
+  * with --reference swin_t (and/or vit_s; their runs DIR/runs/swin_t/seedN come from
+    `experiments.ladder run --references`): every step's layers against the transformer's, matched
+    stage by stage for Swin (its four stages) and by depth fraction for ViT (the patch tokens of
+    the blocks at a quarter, half, three quarters and all of its depth, `depth_fraction_blocks`,
+    as h x w maps; the class token left out), logits against logits -> `to_reference`,
+    `cka_reference` (mean over the four stages) in cka.json and cka_to_reference.png, CKA to each
+    transformer along the ladder above every step's test top-1 (this seed) beside the
+    transformer's.
 Memory: one minibatch at a time. Each model's jitted forward pass turns its layer outputs into
 centred n x n Gram matrices on the device; the features never leave it. Feature maps are flattened
 whole (spatial layout included, as Kornblith et al. 2019) when H*W*C <= --max-dim (16,384; every map
@@ -31,8 +41,9 @@ hole-filled silhouette of image A, class s, filled with a mirror-tiled 8x8 patch
 of image B, class t != s; shape classes balanced; --num images, default 2,000, seed --cue-seed),
 preprocessed exactly as the test set. Reports per step the shape bias, accuracy on the shape and on
 the texture labels and test accuracy, and the error consistency (Cohen's kappa, Geirhos et al. 2020)
-of every pair of steps on the ordinary test set. Writes bias.json, shape_bias.png,
-error_consistency.png and cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist,
+of every pair of steps on the ordinary test set. With --reference, the transformers are measured
+too and every step's error consistency with each of them is listed (`error_consistency_to_reference`).
+Writes bias.json, shape_bias.png, error_consistency.png and cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist,
 cifar); the silhouettes assume objects on a plain background, as in Fashion-MNIST.
 """
 
@@ -129,6 +140,30 @@ def find_runs(out: str, steps: list[str] | None = None, seed: int = 0) -> list[R
   return runs
 
 
+def find_reference_runs(out: str, names: list[str], seed: int = 0) -> list[Run]:
+  """The trained transformer references OUT/runs/NAME/seedSEED (`ladder run --references`), in the
+  order given; UsageError for an unknown name or a missing run."""
+  from modernize import presets
+
+  runs_dir = os.path.join(out, 'runs')
+  unknown = [n for n in names if n not in presets.REFERENCES]
+  if unknown:
+    raise UsageError(f'unknown reference(s) {unknown}; references: {sorted(presets.REFERENCES)}')
+  if len(set(names)) != len(names):
+    raise UsageError(f'--reference names a reference twice: {names}')
+  missing = [n for n in names if seed not in _seeds(os.path.join(runs_dir, n))]
+  if missing:
+    raise UsageError(f'no trained run of reference(s) {missing} with seed {seed} in {runs_dir} '
+                     '(train them with `python -m experiments.ladder run --references` and the '
+                     "ladder's options)")
+  runs = []
+  for name in names:
+    workdir = os.path.join(runs_dir, name, f'seed{seed}')
+    with open(os.path.join(workdir, 'config.json')) as f:
+      runs.append(Run(name, seed, workdir, json.load(f)))
+  return runs
+
+
 def references(steps: list[str], ladder_name: str = 'resnet50') -> dict[str, str | None]:
   """Each step's reference for "CKA to the previous step": the nearest preceding adopted step.
 
@@ -166,6 +201,27 @@ def load_models(runs: list[Run]) -> list:
   return models
 
 
+def depth_fraction_blocks(depth: int, num: int = NUM_STAGES) -> list[int]:
+  """The blocks of a ViT of `depth` blocks matched to a ConvNet's `num` stages by depth fraction:
+  block ceil(k * depth / num) for stage k = 1..num, 0-based (12 blocks: 2, 5, 8, 11; 4: 0..3)."""
+  return [math.ceil(k * depth / num) - 1 for k in range(1, num + 1)]
+
+
+def analysis_layers(model, x) -> tuple[list, object]:
+  """(the four representations CKA compares, logits) of `model` on `x`, in one forward pass: the
+  four stage outputs of a ladder network or a Swin ([B, H, W, C]); for a ViT the patch tokens of
+  the blocks `depth_fraction_blocks` picks, as [B, h, w, C] maps (class token left out)."""
+  from modernize.transformers import VisionTransformer
+
+  feats = model.features(x)
+  logits = model.classify(feats)
+  if isinstance(model, VisionTransformer):
+    side = model.cfg.img_size // model.cfg.patch_size
+    feats = [feats[i][:, 1:].reshape(feats[i].shape[0], side, side, feats[i].shape[-1])
+             for i in depth_fraction_blocks(len(feats))]
+  return feats, logits
+
+
 def _cka_forward(graphdef, max_dim: int):
   """jit(state, x, mask) -> (Gram matrices (len(LAYERS), n, n), logits) of one network."""
   import jax
@@ -176,9 +232,7 @@ def _cka_forward(graphdef, max_dim: int):
 
   @jax.jit
   def forward(state, x, mask):
-    model = nnx.merge(graphdef, state)
-    feats = model.features(x)
-    logits = model.head(feats[-1])
+    feats, logits = analysis_layers(nnx.merge(graphdef, state), x)
     layers = [analysis.pool_to_size(f, max_dim) for f in feats] + [logits]
     return jnp.stack([analysis.gram_linear(f, mask) for f in layers]), logits
 
@@ -204,9 +258,8 @@ def _feature_dims(graphdef, state, shape, max_dim: int) -> dict[str, int]:
   from modernize import analysis
 
   def dims(state, x):
-    model = nnx.merge(graphdef, state)
-    feats = model.features(x)
-    return [analysis.pool_to_size(f, max_dim) for f in feats] + [model.head(feats[-1])]
+    feats, logits = analysis_layers(nnx.merge(graphdef, state), x)
+    return [analysis.pool_to_size(f, max_dim) for f in feats] + [logits]
 
   out = jax.eval_shape(dims, state, jax.ShapeDtypeStruct(shape, jnp.float32))
   return {name: int(np.prod(o.shape[1:])) for name, o in zip(LAYERS, out)}
@@ -326,33 +379,41 @@ def _save_heatmap(path, matrix, rows, cols, title, xlabel, ylabel, **kwargs):
 
 # --- cka ------------------------------------------------------------------------------------------
 
-def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 16384) -> dict:
-  """Minibatch CKA of every layer of every run against every other; writes cka.json and figures."""
+def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 16384,
+            reference_runs: list[Run] = ()) -> dict:
+  """Minibatch CKA of every layer of every run against every other (with the transformer
+  references' runs, if given); writes cka.json and figures."""
   from modernize import analysis
 
   analysis_dir = os.path.join(out, 'analysis')
   os.makedirs(analysis_dir, exist_ok=True)
   steps = [r.step for r in runs]
+  everything = list(runs) + list(reference_runs)
   num_layers = len(LAYERS)
   start = time.time()
-  models = load_models(runs)
+  models = load_models(everything)
   forwards = [_cka_forward(g, max_dim) for g, _ in models]
   dims = {r.step: _feature_dims(g, s, (2, r.data_key[2], r.data_key[2], r.data_key[3]), max_dim)
-          for r, (g, s) in zip(runs, models)}
-  cka = analysis.MinibatchCKA(len(runs) * num_layers)
-  num_examples = 0
+          for r, (g, s) in zip(everything, models)}
+  cka = analysis.MinibatchCKA(len(everything) * num_layers)
+  num_examples, correct = 0, np.zeros(len(everything))
   total = math.ceil(_num_test(runs) / batch_size)
   import jax.numpy as jnp
-  for images, _, mask in _progress(split_batches(runs, batch_size), total=total, desc='cka',
-                                   unit='batch'):
-    grams = [fwd(state, images[r.data_key], mask)[0]
-             for fwd, (_, state), r in zip(forwards, models, runs)]
+  for images, labels, mask in _progress(split_batches(everything, batch_size), total=total,
+                                        desc='cka', unit='batch'):
+    grams = []
+    for i, (fwd, (_, state), r) in enumerate(zip(forwards, models, everything)):
+      gram, logits = fwd(state, images[r.data_key], mask)
+      grams.append(gram)
+      correct[i] += np.sum((np.asarray(logits).argmax(-1) == labels) & mask)
     cka.update_grams(jnp.concatenate(grams), mask=mask)
     num_examples += int(mask.sum())
-  full = cka.result().reshape(len(runs), num_layers, len(runs), num_layers)
+  full = cka.result().reshape(len(everything), num_layers, len(everything), num_layers)
+  accuracy = {r.step: float(c / num_examples) for r, c in zip(everything, correct)}
 
   refs = references(steps, runs[0].config.get('ladder', 'resnet50'))
   index = {s: i for i, s in enumerate(steps)}
+  first, last = 0, len(steps) - 1
   pairs, to_previous, cka_prev = [], {}, {}
   for step in steps:
     ref = refs[step]
@@ -364,24 +425,56 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
     to_previous[step] = {layer: matrix[l, l] for l, layer in enumerate(LAYERS)}
     cka_prev[step] = float(np.mean(np.diag(matrix)[:NUM_STAGES]))
   within = {s: full[i, :, i, :] for s, i in index.items()}
-  per_layer = {layer: full[:, l, :, l] for l, layer in enumerate(LAYERS)}
+  per_layer = {layer: full[:len(steps), l, :len(steps), l] for l, layer in enumerate(LAYERS)}
   result = {
       'estimator': 'minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021)',
       'data': runs[0].config['data']['name'], 'seed': runs[0].seed, 'steps': steps,
       'layers': list(LAYERS), 'num_examples': num_examples, 'batch_size': batch_size,
       'num_batches': cka.batches, 'max_dim': max_dim, 'feature_dims': dims,
+      'test_accuracy': accuracy,
       'reference': refs, 'pairs': pairs, 'within': within, 'per_layer': per_layer,
       'to_previous': to_previous, 'cka_prev': cka_prev,
-      'to_first': {s: {layer: full[0, l, i, l] for l, layer in enumerate(LAYERS)}
+      'to_first': {s: {layer: full[first, l, i, l] for l, layer in enumerate(LAYERS)}
                    for s, i in index.items()},
-      'to_last': {s: {layer: full[-1, l, i, l] for l, layer in enumerate(LAYERS)}
+      'to_last': {s: {layer: full[last, l, i, l] for l, layer in enumerate(LAYERS)}
                   for s, i in index.items()},
   }
+  if reference_runs:
+    result.update(_against_references(full, steps, reference_runs, models[len(runs):]))
   outputs.write_json(os.path.join(analysis_dir, 'cka.json'), result)
   _plot_cka(analysis_dir, result)
   merge_summary(analysis_dir, 'cka_prev', cka_prev)
   result['seconds'] = time.time() - start
   return result
+
+
+def _against_references(full, steps: list[str], reference_runs: list[Run], models) -> dict:
+  """The references' part of cka.json: each step's layers against each transformer's, matched
+  layer by layer (`analysis_layers`)."""
+  from flax import nnx
+
+  from modernize.transformers import VisionTransformer
+
+  names = [r.step for r in reference_runs]
+  matched, pairs, to_reference, mean = {}, [], {}, {}
+  for k, (name, (graphdef, state)) in enumerate(zip(names, models)):
+    j = len(steps) + k
+    model = nnx.merge(graphdef, state)
+    if isinstance(model, VisionTransformer):
+      blocks = depth_fraction_blocks(model.cfg.depth)
+      matched[name] = [f'block {b + 1} of {model.cfg.depth}' for b in blocks] + ['logits']
+    else:
+      matched[name] = list(LAYERS)
+    to_reference[name], mean[name] = {}, {}
+    for i, step in enumerate(steps):
+      matrix = full[j, :, i, :]   # rows: the reference's layers; columns: the step's
+      pairs.append({'a': name, 'b': step, 'matrix': matrix})
+      to_reference[name][step] = {layer: matrix[l, l] for l, layer in enumerate(LAYERS)}
+      mean[name][step] = float(np.mean(np.diag(matrix)[:NUM_STAGES]))
+  return {'references': names, 'reference_layers': matched, 'reference_pairs': pairs,
+          'reference_within': {n: full[len(steps) + k, :, len(steps) + k, :]
+                               for k, n in enumerate(names)},
+          'to_reference': to_reference, 'cka_reference': mean}
 
 
 def _plot_cka(analysis_dir: str, result: dict) -> None:
@@ -428,6 +521,41 @@ def _plot_cka(analysis_dir: str, result: dict) -> None:
   axes[0].legend(fontsize=7, ncol=len(layers))
   fig.savefig(os.path.join(analysis_dir, 'cka_along_ladder.png'), dpi=110)
   plt.close(fig)
+  if result.get('references'):
+    _plot_cka_to_reference(os.path.join(analysis_dir, 'cka_to_reference.png'), result)
+
+
+def _plot_cka_to_reference(path: str, result: dict) -> None:
+  """CKA to each transformer along the ladder (mean over the four stages, and per stage), above
+  each step's test top-1 with the transformers' as horizontal lines."""
+  plt = _pyplot()
+  steps, names = result['steps'], result['references']
+  x = np.arange(len(steps))
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.45 * len(steps) + 3), 7), sharex=True,
+                                    height_ratios=(3, 2), layout='constrained')
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for k, name in enumerate(names):
+    color = colors[k % len(colors)]
+    top.plot(x, [result['cka_reference'][name][s] for s in steps], marker='o', color=color, lw=2,
+             label=f'{name}: mean of the 4 stages')
+    for l, layer in enumerate(LAYERS[:NUM_STAGES]):
+      top.plot(x, [result['to_reference'][name][s][layer] for s in steps], color=color, lw=0.8,
+               alpha=0.5, ls=(0, (1 + l, 2)), label=f'{layer} (thin)' if k == 0 else None)
+  top.set(ylabel='linear CKA', title=f'CKA to the transformers along the ladder (seed '
+          f'{result["seed"]}, {result["num_examples"]:,} test images)')
+  top.grid(alpha=0.3)
+  top.legend(fontsize=7, ncol=2)
+  bottom.plot(x, [100 * result['test_accuracy'][s] for s in steps], marker='o', color='black',
+              label='step')
+  for k, name in enumerate(names):
+    bottom.axhline(100 * result['test_accuracy'][name], color=colors[k % len(colors)], ls='--',
+                   label=name)
+  bottom.set(ylabel='test top-1 (%)')
+  bottom.grid(alpha=0.3)
+  bottom.legend(fontsize=7)
+  bottom.set_xticks(x, steps, rotation=60, ha='right', fontsize=7)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 # --- bias -----------------------------------------------------------------------------------------
@@ -442,14 +570,17 @@ def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.nd
 
 
 def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 2000,
-             cue_seed: int = 0) -> dict:
-  """Shape bias on a cue-conflict set and pairwise error consistency on the test set."""
+             cue_seed: int = 0, reference_runs: list[Run] = ()) -> dict:
+  """Shape bias on a cue-conflict set and pairwise error consistency on the test set, of the
+  ladder's runs and the transformer references' runs, if given."""
   from experiments import datasets
   from modernize import analysis
 
   analysis_dir = os.path.join(out, 'analysis')
   os.makedirs(analysis_dir, exist_ok=True)
   steps = [r.step for r in runs]
+  names = [r.step for r in reference_runs]
+  runs = list(runs) + list(reference_runs)   # from here on: steps, then references
   start = time.time()
   name, data_dir, _, _ = runs[0].data_key
   if datasets.info(name, data_dir or None).large:
@@ -482,9 +613,11 @@ def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 200
   results = {r.step: analysis.shape_bias(np.concatenate(p), cue.shape_label, cue.texture_label)
              for r, p in zip(runs, preds)}
   kappa = analysis.error_consistency_matrix(correct)
+  models = steps + names
   result = {
-      'data': name, 'seed': runs[0].seed, 'steps': steps, 'num_test': int(len(correct[0])),
-      'test_accuracy': {s: float(c.mean()) for s, c in zip(steps, correct)},
+      'data': name, 'seed': runs[0].seed, 'steps': steps, 'references': names,
+      'num_test': int(len(correct[0])),
+      'test_accuracy': {s: float(c.mean()) for s, c in zip(models, correct)},
       'cue_conflict': {
           'num': num, 'seed': cue_seed, 'patch_size': cue.patch_size,
           'method': 'silhouette of test image A (class s, hole-filled foreground) filled with a '
@@ -493,14 +626,17 @@ def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 200
           'shape_label_counts': np.bincount(cue.shape_label).tolist(),
           'texture_label_counts': np.bincount(cue.texture_label).tolist()},
       'shape_bias': {s: b.to_dict() for s, b in results.items()},
-      'error_consistency': {'steps': steps, 'kappa': kappa},
+      'error_consistency': {'models': models, 'kappa': kappa},
+      'error_consistency_to_reference': {
+          ref: {s: kappa[len(steps) + k][i] for i, s in enumerate(steps)}
+          for k, ref in enumerate(names)},
   }
   outputs.write_json(os.path.join(analysis_dir, 'bias.json'), result)
-  _save_heatmap(os.path.join(analysis_dir, 'error_consistency.png'), kappa, steps, steps,
+  _save_heatmap(os.path.join(analysis_dir, 'error_consistency.png'), kappa, models, models,
                 'error consistency (kappa), test set', 'step', 'step',
                 vmin=-0.2, vmax=1.0, cmap='viridis')
   _plot_shape_bias(os.path.join(analysis_dir, 'shape_bias.png'), result)
-  merge_summary(analysis_dir, 'shape_bias', {s: b.shape_bias for s, b in results.items()})
+  merge_summary(analysis_dir, 'shape_bias', {s: results[s].shape_bias for s in steps})
   result['seconds'] = time.time() - start
   return result
 
@@ -524,12 +660,13 @@ def _plot_examples(path: str, cue, count: int = 24) -> None:
 
 def _plot_shape_bias(path: str, result: dict) -> None:
   plt = _pyplot()
-  steps = result['steps']
+  steps = result['steps'] + result['references']   # the references last
   x = np.arange(len(steps))
   sb = [result['shape_bias'][s] for s in steps]
   fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(steps) + 2), 4))
-  ax.bar(x, [np.nan if b['shape_bias'] is None else b['shape_bias'] for b in sb], color='tab:blue',
-         label='shape bias')
+  ax.bar(x, [np.nan if b['shape_bias'] is None else b['shape_bias'] for b in sb],
+         color=['tab:blue'] * len(result['steps']) + ['tab:purple'] * len(result['references']),
+         label='shape bias' + (' (purple: transformer references)' if result['references'] else ''))
   ax.plot(x, [b['shape_accuracy'] for b in sb], 'o', color='tab:orange', label='shape accuracy')
   ax.plot(x, [b['texture_accuracy'] for b in sb], 's', color='tab:green', label='texture accuracy')
   ax.axhline(0.5, color='gray', lw=0.8, ls=':')
@@ -568,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(command, help=help_text)
     p.add_argument('--out', required=True, help='the ladder directory (with runs/)')
     p.add_argument('--steps', default='', help='comma-separated steps (default: every one present)')
+    p.add_argument('--reference', default='',
+                   help='transformer references to compare with, comma-separated: swin_t, vit_s '
+                        '(their runs from `ladder run --references`)')
     p.add_argument('--seed', type=int, default=0, help='which seed\'s runs (default 0)')
     p.add_argument('--batch-size', type=_positive, default=256)
     if command == 'cka':
@@ -586,25 +726,37 @@ def main(argv: list[str] | None = None) -> int:
     raise UsageError(f'--out {args.out!r} is not a directory')
   steps = [s.strip() for s in args.steps.split(',') if s.strip()]
   runs = find_runs(args.out, steps or None, args.seed)
+  names = [s.strip() for s in args.reference.split(',') if s.strip()]
+  reference_runs = find_reference_runs(args.out, names, args.seed)
+  data = {r.step: r.config['data']['name'] for r in reference_runs}
+  other = {n: d for n, d in data.items() if d != runs[0].config['data']['name']}
+  if other:
+    raise UsageError(f'reference run(s) {other} use another data set than the ladder '
+                     f"({runs[0].config['data']['name']})")
   if args.command == 'cka':
     if args.batch_size < 4:
       raise UsageError('--batch-size must be at least 4 for the unbiased CKA estimator')
-    result = run_cka(args.out, runs, batch_size=args.batch_size, max_dim=args.max_dim)
+    result = run_cka(args.out, runs, batch_size=args.batch_size, max_dim=args.max_dim,
+                     reference_runs=reference_runs)
     for step in result['steps']:
       value = result['cka_prev'][step]
       ref = result['reference'][step]
-      print(f'{step:<22} ' + (f'CKA to {ref}: {value:.3f}' if value is not None else '-'))
+      print(f'{step:<22} ' + (f'CKA to {ref}: {value:.3f}' if value is not None else '-')
+            + ''.join(f'  to {n}: {result["cka_reference"][n][step]:.3f}' for n in names))
   else:
     result = run_bias(args.out, runs, batch_size=args.batch_size, num=args.num,
-                      cue_seed=args.cue_seed)
-    for step in result['steps']:
+                      cue_seed=args.cue_seed, reference_runs=reference_runs)
+    for step in result['steps'] + result['references']:
       b = result['shape_bias'][step]
       bias = '  nan' if b['shape_bias'] is None or not math.isfinite(b['shape_bias']) else \
           f'{b["shape_bias"]:.3f}'
       print(f'{step:<22} test top-1 {100 * result["test_accuracy"][step]:5.1f}%  shape bias '
             f'{bias}  (shape {100 * b["shape_accuracy"]:.1f}%, texture '
-            f'{100 * b["texture_accuracy"]:.1f}%)')
-  print(f'{args.command}: {len(runs)} step(s) in {result["seconds"]:.0f} s -> '
+            f'{100 * b["texture_accuracy"]:.1f}%)'
+            + ''.join(f'  kappa to {n} {result["error_consistency_to_reference"][n][step]:.2f}'
+                      for n in names if step in result['steps']))
+  what = f'{len(runs)} step(s)' + (f' and {len(names)} reference(s)' if names else '')
+  print(f'{args.command}: {what} in {result["seconds"]:.0f} s -> '
         f'{os.path.join(args.out, "analysis")}')
   return 0
 

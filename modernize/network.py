@@ -106,10 +106,14 @@ class Network(nnx.Module):
       outputs.append(x)
     return outputs
 
+  def classify(self, features: list[jax.Array]) -> jax.Array:
+    """Logits from `features(x)`'s output (the stage outputs and the logits in one pass)."""
+    return self.head(features[-1])
+
   def __call__(self, x, *, key: jax.Array | None = None):
     """Logits. `key` drives stochastic depth in train mode (a pure function of the key); without
     it, each DropPath draws from its own RNG stream."""
-    return self.head(self.features(x, key=key)[-1])
+    return self.classify(self.features(x, key=key))
 
 
 def model_class(cfg) -> type[nnx.Module]:

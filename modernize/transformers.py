@@ -424,10 +424,13 @@ class SwinTransformer(nnx.Module):
       outputs.append(x)
     return outputs
 
+  def classify(self, features: list[jax.Array]) -> jax.Array:
+    """Logits from `features(x)`'s output: the final LayerNorm, pooling and the classifier."""
+    return layers.at_least_float32(self.head(self.norm(features[-1])))
+
   def __call__(self, x, *, key: jax.Array | None = None):
     """Logits; `key` drives stochastic depth in train mode (else each DropPath's own stream)."""
-    x = self.norm(self.features(x, key=key)[-1])
-    return layers.at_least_float32(self.head(x))
+    return self.classify(self.features(x, key=key))
 
 
 # --- ViT ------------------------------------------------------------------------------------------
@@ -489,8 +492,9 @@ class VisionTransformer(nnx.Module):
     self.norm = layers.LayerNorm(dim, eps=1e-6, dtype=dtype)
     self.head = _linear(dim, cfg.num_classes, dtype=dtype, rngs=rngs)
 
-  def tokens(self, x, *, key: jax.Array | None = None) -> jax.Array:
-    """[B, 1 + patches, C]: the final LayerNorm's output, in the compute dtype."""
+  def features(self, x, *, key: jax.Array | None = None) -> list[jax.Array]:
+    """The output of each block, [B, 1 + patches, C] (class token first, then the patches in
+    row-major order), in the compute dtype."""
     _check_input(x, self.cfg)
     if self.cfg.dtype != 'float32':
       x = jnp.asarray(x, self.cfg.dtype)
@@ -499,13 +503,23 @@ class VisionTransformer(nnx.Module):
     x = x.reshape(b, h * w, c)                               # row-major, as timm's flatten
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, c))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+    outputs = []
     for j, block in enumerate(self.blocks):
       x = block(x, key=None if key is None else jax.random.fold_in(key, j))
-    return self.norm(x)
+      outputs.append(x)
+    return outputs
+
+  def tokens(self, x, *, key: jax.Array | None = None) -> jax.Array:
+    """[B, 1 + patches, C]: the final LayerNorm's output, in the compute dtype."""
+    return self.norm(self.features(x, key=key)[-1])
+
+  def classify(self, features: list[jax.Array]) -> jax.Array:
+    """Logits from `features(x)`'s output: the final LayerNorm, the class token, the classifier."""
+    return layers.at_least_float32(self.head(self.norm(features[-1])[:, 0]))
 
   def __call__(self, x, *, key: jax.Array | None = None):
     """Logits; `key` drives stochastic depth in train mode (else each DropPath's own stream)."""
-    return layers.at_least_float32(self.head(self.tokens(x, key=key)[:, 0]))
+    return self.classify(self.features(x, key=key))
 
 
 MODELS = {SwinConfig: SwinTransformer, ViTConfig: VisionTransformer}

@@ -1,4 +1,7 @@
-"""experiments.analyze end to end on two smoke runs: outputs, numbers in range, bad input."""
+"""experiments.analyze end to end on a smoke ladder of two steps and the two transformer
+references (`ladder run --references`, also checked here: its rows, its view, a rerun, a trained
+reference loading back): outputs, numbers in range, the comparison with the references, bad
+input."""
 
 import json
 import os
@@ -7,11 +10,16 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
-from experiments import analyze
+from configs.ladder import get_config
+from experiments import analyze, steptable, train
+from experiments.checkpoint import load_numpy, load_trained_model
+from modernize.transformers import ViTConfig, VisionTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('resnet50', 'convnext_t')
+REFERENCES = ('swin_t', 'vit_s')
 
 
 def _command(*args):
@@ -31,18 +39,18 @@ def _finish(proc, timeout=300):
 
 @pytest.fixture(scope='module')
 def ladder_dir(tmp_path_factory):
-  """DIR/runs/{resnet50,convnext_t}/seed0 from smoke training, then both analyses (in parallel)."""
+  """`ladder run --references --options smoke --steps resnet50,convnext_t --show` (DIR/runs/STEP/
+  seed0 for the two steps and the two references), then both analyses against the references (in
+  parallel)."""
   out = tmp_path_factory.mktemp('ladder')
-  trainings = [_start(_command(
-      'experiments.train', f'--config=configs/ladder.py:{step},smoke',
-      f'--workdir={out}/runs/{step}/seed0', f'--config.step_table={out}/steps.csv'))
-      for step in STEPS]
-  for proc in trainings:
-    _finish(proc)
+  logs = {'run': _finish(_start(_command(
+      'experiments.ladder', 'run', '--out', str(out), '--references', '--options', 'smoke',
+      '--steps', ','.join(STEPS), '--jobs', '2', '--show')), timeout=900)}
   analyses = {command: _start(_command('experiments.analyze', command, '--out', str(out),
+                                       '--reference', ','.join(REFERENCES),
                                        *(('--num', '500') if command == 'bias' else ())))
               for command in ('cka', 'bias')}
-  logs = {command: _finish(proc) for command, proc in analyses.items()}
+  logs.update({command: _finish(proc) for command, proc in analyses.items()})
   return out, logs
 
 
@@ -66,6 +74,32 @@ def test_cka_outputs(ladder_dir):
   assert 0 < result['cka_prev']['convnext_t'] < 1
   assert result['cka_prev']['convnext_t'] == pytest.approx(np.mean(np.diag(pair)[:4]))
   assert 'CKA to resnet50' in logs['cka']
+  assert set(result['test_accuracy']) == set(STEPS + REFERENCES)
+  assert all(0 <= v <= 1 for v in result['test_accuracy'].values())
+  assert (analysis / 'cka_to_reference.png').stat().st_size > 1000
+
+
+def test_cka_against_the_references(ladder_dir):
+  """Every step's layers against each transformer's: Swin stage by stage, ViT (4 blocks at scale
+  tiny) by depth fraction; the matched values are the diagonal of each pair's matrix."""
+  out, logs = ladder_dir
+  result = json.loads((out / 'analysis' / 'cka.json').read_text())
+  assert result['references'] == list(REFERENCES)
+  assert result['reference_layers'] == {
+      'swin_t': ['stage1', 'stage2', 'stage3', 'stage4', 'logits'],
+      'vit_s': ['block 1 of 4', 'block 2 of 4', 'block 3 of 4', 'block 4 of 4', 'logits']}
+  pairs = {(p['a'], p['b']): np.array(p['matrix']) for p in result['reference_pairs']}
+  assert sorted(pairs) == sorted((r, s) for r in REFERENCES for s in STEPS)
+  for (ref, step), matrix in pairs.items():
+    assert matrix.shape == (5, 5) and np.all(matrix > -0.05) and np.all(matrix < 1.05)
+    matched = result['to_reference'][ref][step]
+    assert [matched[layer] for layer in result['layers']] == pytest.approx(np.diag(matrix))
+    assert result['cka_reference'][ref][step] == pytest.approx(np.mean(np.diag(matrix)[:4]))
+  for ref in REFERENCES:   # a reference against itself: 1 on the diagonal
+    within = np.array(result['reference_within'][ref])
+    assert np.allclose(np.diag(within), 1, atol=1e-4)
+  for step in STEPS:
+    assert f'to swin_t: {result["cka_reference"]["swin_t"][step]:.3f}' in logs['cka']
 
 
 def test_bias_outputs(ladder_dir):
@@ -75,15 +109,23 @@ def test_bias_outputs(ladder_dir):
     assert (analysis / name).stat().st_size > 1000, name
   result = json.loads((analysis / 'bias.json').read_text())
   assert result['steps'] == list(STEPS) and result['num_test'] == 10000
+  assert result['references'] == list(REFERENCES)
   assert result['cue_conflict']['num'] == 500
-  for step in STEPS:
+  for step in STEPS + REFERENCES:
     b = result['shape_bias'][step]
     assert b['total'] == 500 and b['shape_decisions'] + b['texture_decisions'] <= 500
     assert b['shape_bias'] is None or 0 <= b['shape_bias'] <= 1
     assert 0 <= result['test_accuracy'][step] <= 1
+  models = result['error_consistency']['models']
+  assert models == list(STEPS + REFERENCES)
   kappa = np.array(result['error_consistency']['kappa'], dtype=float)
-  assert kappa.shape == (2, 2) and np.all((kappa >= -1) & (kappa <= 1))
-  assert 'shape bias' in logs['bias']
+  assert kappa.shape == (4, 4) and np.all((kappa >= -1) & (kappa <= 1))
+  assert np.allclose(np.diag(kappa), 1)
+  for ref in REFERENCES:
+    for step in STEPS:
+      assert result['error_consistency_to_reference'][ref][step] == \
+          kappa[models.index(ref), models.index(step)]
+  assert 'shape bias' in logs['bias'] and 'kappa to vit_s' in logs['bias']
 
 
 def test_summary_has_both_columns(ladder_dir):
@@ -98,8 +140,11 @@ def test_summary_has_both_columns(ladder_dir):
   assert summary['convnext_t']['shape_bias'] == bias['shape_bias']['convnext_t']['shape_bias']
 
 
-def test_bad_input_exits_2_in_one_line(ladder_dir, tmp_path):
+def test_bad_input_exits_2_in_one_line(ladder_dir, tmp_path, capsys):
   out, _ = ladder_dir
+  no_references = tmp_path / 'steps_only'   # the ladder's resnet50 run without the references
+  (no_references / 'runs').mkdir(parents=True)
+  (no_references / 'runs' / 'resnet50').symlink_to(out / 'runs' / 'resnet50')
   res = subprocess.run(_command('experiments.analyze', 'cka', '--out', str(tmp_path)), cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 2
@@ -111,10 +156,17 @@ def test_bad_input_exits_2_in_one_line(ladder_dir, tmp_path):
       (['cka', '--out', str(out), '--seed', '3'], 'no trained run with seed 3'),
       (['cka', '--out', str(tmp_path / 'missing')], 'is not a directory'),
       (['cka', '--out', str(out), '--batch-size', '0'], 'not positive'),
+      (['cka', '--out', str(out), '--reference', 'swin_b'], "unknown reference(s) ['swin_b']"),
+      (['bias', '--out', str(out), '--reference', 'vit_s,vit_s'], 'names a reference twice'),
+      (['cka', '--out', str(no_references), '--reference', 'swin_t'],
+       "no trained run of reference(s) ['swin_t'] with seed 0"),
       (['shape'], 'invalid choice')):
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
       analyze.main(argv)
     assert exit_info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
 def test_bad_input_messages(ladder_dir, capsys):
@@ -124,6 +176,30 @@ def test_bad_input_messages(ladder_dir, capsys):
   err = capsys.readouterr().err
   assert err.startswith("error: no trained run of step(s) ['patchify_stem'] with seed 0")
   assert len(err.strip().splitlines()) == 1
+
+
+def test_depth_fraction_blocks():
+  assert analyze.depth_fraction_blocks(12) == [2, 5, 8, 11]   # ViT-S/16: blocks 3, 6, 9, 12
+  assert analyze.depth_fraction_blocks(4) == [0, 1, 2, 3]
+  assert analyze.depth_fraction_blocks(3) == [0, 1, 2, 2]
+  assert analyze.depth_fraction_blocks(2) == [0, 0, 1, 1]
+
+
+def test_analysis_layers_of_a_vit_are_its_patch_tokens_as_maps():
+  """A 6-block ViT on 16x16 images with patch 4: blocks 2, 3, 5, 6's patch tokens (the class token
+  left out), row-major as the patch grid, and the logits of the same pass."""
+  cfg = ViTConfig(img_size=16, patch_size=4, embed_dim=8, depth=6, num_heads=2, num_classes=3,
+                  in_channels=1)
+  model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+  maps, logits = analyze.analysis_layers(model, x)
+  tokens = model.features(x)
+  assert [m.shape for m in maps] == [(2, 4, 4, 8)] * 4
+  for m, block in zip(maps, (1, 2, 4, 5)):
+    for r, c in ((0, 0), (0, 3), (2, 1), (3, 3)):
+      np.testing.assert_array_equal(m[:, r, c], tokens[block][:, 1 + 4 * r + c])
+  np.testing.assert_allclose(logits, model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_references_skip_side_branches():
@@ -155,3 +231,40 @@ def test_merge_summary_keeps_the_other_column(tmp_path):
                      'c': {'cka_prev': 0.5, 'shape_bias': None}}
   with pytest.raises(ValueError):
     analyze.merge_summary(str(tmp_path), 'top1', {})
+
+
+def test_ladder_run_references_rows_view_rerun_and_loading(ladder_dir):
+  """The fixture's `ladder run --references --options smoke --steps resnet50,convnext_t --show`:
+  the references' step-table rows, their rows and lines in the view, a rerun that trains nothing,
+  a trained reference loading back for the analyses."""
+  out = str(ladder_dir[0])
+  rows = {r['step']: r for r in steptable.read_rows(os.path.join(out, 'steps.csv'))}
+  assert sorted(rows) == sorted(STEPS + REFERENCES)
+  for name in ('swin_t', 'vit_s'):
+    config = get_config(f'{name},ladder=resnet50,seed=0,smoke')
+    assert rows[name]['config_hash'] == train.config_hash(config)
+    assert rows[name]['step_index'] == '-1' and rows[name]['scale'] == 'tiny'
+    assert float(rows[name]['gmacs']) > 0 and int(rows[name]['params']) > 0
+  md = open(os.path.join(out, 'ladder.md')).read()
+  assert '| ref | Swin-T (`swin_t`, reference) |' in md and '| 81.30 | 4.50 |' in md
+  assert '| ref | ViT-S/16 (`vit_s`, reference) |' in md and '| 79.80 | 4.60 |' in md
+  (group,) = json.load(open(os.path.join(out, 'ladder.json')))['groups']
+  assert [s['name'] for s in group['steps']] == list(STEPS)
+  refs = {r['name']: r for r in group['references']}
+  assert refs['swin_t']['paper_top1'] == 81.3 and refs['swin_t']['paper_gflops'] == 4.5
+  assert refs['vit_s']['mean'] == pytest.approx(float(rows['vit_s']['top1']))
+  assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
+  # A rerun finds all four done.
+  res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'run', '--out', out,
+                        '--references', '--options', 'smoke', '--steps', ','.join(STEPS)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
+  # load_trained_model rebuilds the trained Swin with the checkpoint's weights.
+  workdir = os.path.join(out, 'runs', 'swin_t', 'seed0')
+  model, _ = load_trained_model(workdir)
+  _, saved = load_numpy(os.path.join(workdir, 'checkpoints'))
+  table = model.layers[2].blocks[0].attn.relative_position_bias_table[...]
+  np.testing.assert_array_equal(
+      table, saved['params']['layers']['2']['blocks']['0']['attn']
+      ['relative_position_bias_table']['value'])
+  assert model(np.zeros((2, 32, 32, 1), np.float32)).shape == (2, 10)

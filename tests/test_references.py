@@ -1,25 +1,18 @@
 """The transformer references in the ladder: their configs (configs/ladder.py:swin_t, vit_s), the
-trainer's weight-decay exclusions, `ladder run --references` and their rows and lines in `show`."""
-
-import json
-import os
-import subprocess
-import sys
+trainer's weight-decay exclusions, the plan of `ladder run --references`. Trained on smoke, their
+rows, their view and the analyses against them: tests/test_analyze_cli.py."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from configs.ladder import get_config
-from experiments import ladder_run, steptable, train
+from experiments import ladder_run, train
 from modernize.config import ConfigError, NetConfig
 from modernize.network import create_model
 from modernize.transformers import SwinConfig, ViTConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_reference_configs_take_the_enhanced_recipe_and_the_ladders_scale():
@@ -89,44 +82,3 @@ def test_plan_adds_the_references_after_the_steps():
   assert ladder_run.plan('resnet50', ['vit_s'], 1, False) == [('vit_s', 0)]
   assert [s for s, _ in ladder_run.plan('resnet50', None, 1, False, True)][-2:] == \
       ['swin_t', 'vit_s']
-
-
-def test_ladder_run_references_on_smoke_trains_them_and_show_draws_them(tmp_path):
-  """`ladder run --references --options smoke --steps resnet50 --show`, then a trained reference
-  loads back for the analyses."""
-  out = str(tmp_path / 'ladder')
-  res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'run', '--out', out,
-                        '--references', '--options', 'smoke', '--steps', 'resnet50', '--show'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert res.returncode == 0, res.stderr[-3000:]
-  rows = {r['step']: r for r in steptable.read_rows(os.path.join(out, 'steps.csv'))}
-  assert sorted(rows) == ['resnet50', 'swin_t', 'vit_s']
-  for name in ('swin_t', 'vit_s'):
-    config = get_config(f'{name},ladder=resnet50,seed=0,smoke')
-    assert rows[name]['config_hash'] == train.config_hash(config)
-    assert rows[name]['step_index'] == '-1' and rows[name]['scale'] == 'tiny'
-    assert float(rows[name]['gmacs']) > 0 and int(rows[name]['params']) > 0
-  md = open(os.path.join(out, 'ladder.md')).read()
-  assert '| ref | Swin-T (`swin_t`, reference) |' in md and '| 81.30 | 4.50 |' in md
-  assert '| ref | ViT-S/16 (`vit_s`, reference) |' in md and '| 79.80 | 4.60 |' in md
-  (group,) = json.load(open(os.path.join(out, 'ladder.json')))['groups']
-  assert [s['name'] for s in group['steps']] == ['resnet50']
-  refs = {r['name']: r for r in group['references']}
-  assert refs['swin_t']['paper_top1'] == 81.3 and refs['swin_t']['paper_gflops'] == 4.5
-  assert refs['vit_s']['mean'] == pytest.approx(float(rows['vit_s']['top1']))
-  assert os.path.getsize(os.path.join(out, 'ladder.png')) > 10_000
-  # A rerun finds all three done.
-  res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'run', '--out', out,
-                        '--references', '--options', 'smoke', '--steps', 'resnet50'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert res.returncode == 0 and '0 to train' in res.stdout, res.stdout + res.stderr
-  # load_trained_model rebuilds the trained Swin with the checkpoint's weights.
-  from experiments.checkpoint import load_numpy, load_trained_model
-  workdir = os.path.join(out, 'runs', 'swin_t', 'seed0')
-  model, _ = load_trained_model(workdir)
-  _, saved = load_numpy(os.path.join(workdir, 'checkpoints'))
-  table = model.layers[2].blocks[0].attn.relative_position_bias_table[...]
-  np.testing.assert_array_equal(
-      table, saved['params']['layers']['2']['blocks']['0']['attn']
-      ['relative_position_bias_table']['value'])
-  assert model(np.zeros((2, 32, 32, 1), np.float32)).shape == (2, 10)
