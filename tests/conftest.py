@@ -6,6 +6,8 @@ import tempfile
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # The session's caches, not the user's (~/.cache/modernize), removed when the session ends:
 # training subprocesses share one compilation cache (the same smoke configs are compiled by several
 # tests), and the native depthwise kernel is built once into a cache of its own.
@@ -45,3 +47,29 @@ def fashion(monkeypatch):
                 'apt-get install dataset-fashion-mnist')
   monkeypatch.setenv('MODERNIZE_FASHION_MNIST_DIR', source)
   return source
+
+
+# Put first on the path of every process of a run (a ladder's isolated trainings included): to
+# `import` and to `importlib.util.find_spec` the packages look absent.
+_TENSORFLOW_BLOCKER = '''import sys
+for name in ('tensorflow', 'tensorflow_datasets'):
+  sys.modules[name] = None
+'''
+
+
+@pytest.fixture(scope='session')
+def no_tensorflow_env(tmp_path_factory):
+  """The environment of a subprocess in which TensorFlow and tensorflow-datasets are
+  unimportable (as on an accelerator image that ships neither), with a home of its own; Fashion-MNIST
+  then comes from the Debian files."""
+  from experiments import datasets
+  try:
+    datasets.fashion_mnist_dir()
+  except datasets.DatasetUnavailable as e:
+    pytest.skip(str(e))
+  blocker = tmp_path_factory.mktemp('blocker')
+  (blocker / 'sitecustomize.py').write_text(_TENSORFLOW_BLOCKER)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), ROOT]),
+             HOME=str(tmp_path_factory.mktemp('home')))
+  env.pop('TFDS_DATA_DIR', None)
+  return env

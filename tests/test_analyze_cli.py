@@ -26,8 +26,9 @@ def _command(*args):
   return [sys.executable, '-m', *args]
 
 
-def _start(cmd):
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(cmd, env=None):
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env)
 
 
 def _finish(proc, timeout=300):
@@ -38,17 +39,18 @@ def _finish(proc, timeout=300):
 
 
 @pytest.fixture(scope='module')
-def ladder_dir(tmp_path_factory):
+def ladder_dir(tmp_path_factory, no_tensorflow_env):
   """`ladder run --references --options smoke --steps resnet50,convnext_t --show` (DIR/runs/STEP/
   seed0 for the two steps and the two references), then both analyses against the references (in
-  parallel)."""
+  parallel); all without TensorFlow (conftest.py)."""
   out = tmp_path_factory.mktemp('ladder')
   logs = {'run': _finish(_start(_command(
       'experiments.ladder', 'run', '--out', str(out), '--references', '--options', 'smoke',
-      '--steps', ','.join(STEPS), '--jobs', '2', '--show')), timeout=900)}
+      '--steps', ','.join(STEPS), '--jobs', '2', '--show'), no_tensorflow_env), timeout=900)}
   analyses = {command: _start(_command('experiments.analyze', command, '--out', str(out),
                                        '--reference', ','.join(REFERENCES),
-                                       *(('--num', '500') if command == 'bias' else ())))
+                                       *(('--num', '500') if command == 'bias' else ())),
+                              no_tensorflow_env)
               for command in ('cka', 'bias')}
   logs.update({command: _finish(proc) for command, proc in analyses.items()})
   return out, logs

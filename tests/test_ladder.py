@@ -1,7 +1,6 @@
 """The ladder run and view: resume after a kill, the plan, rendering. (The whole ladder on the smoke
 option: tests/test_no_tensorflow.py.)"""
 
-import csv
 import json
 import os
 import signal

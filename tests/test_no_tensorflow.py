@@ -1,5 +1,6 @@
-"""The trainer, `ladder run` / `show` and `analyze` on Fashion-MNIST with TensorFlow and
-tensorflow-datasets unimportable, as on an accelerator image that ships neither."""
+"""The trainer, `ladder run` and `show` on Fashion-MNIST with TensorFlow and tensorflow-datasets
+unimportable, as on an accelerator image that ships neither (`analyze` and `ladder run
+--references` without them: tests/test_analyze_cli.py)."""
 
 import json
 import os
@@ -8,30 +9,16 @@ import sys
 
 import pytest
 
-from experiments import datasets, steptable
+from experiments import steptable
 from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Put first on the path of every process of the run (the ladder's isolated trainings included):
-# to `import` and to `importlib.util.find_spec` the packages look absent.
-BLOCKER = '''import sys
-for name in ('tensorflow', 'tensorflow_datasets'):
-  sys.modules[name] = None
-'''
-
 
 @pytest.fixture(scope='module')
-def without_tensorflow(tmp_path_factory):
-  try:
-    datasets.fashion_mnist_dir()
-  except datasets.DatasetUnavailable as e:
-    pytest.skip(str(e))
-  blocker = tmp_path_factory.mktemp('blocker')
-  (blocker / 'sitecustomize.py').write_text(BLOCKER)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), ROOT]),
-             HOME=str(tmp_path_factory.mktemp('home')))
-  env.pop('TFDS_DATA_DIR', None)
+def without_tensorflow(no_tensorflow_env):
+  """Runs `python ARGS...` without TensorFlow (conftest.py's `no_tensorflow_env`)."""
+  env = no_tensorflow_env
 
   def run(*args, timeout=600):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
@@ -49,10 +36,10 @@ def test_the_blocker_blocks(without_tensorflow):
   assert out.split() == ['None', 'None', 'unimportable']
 
 
-def test_full_ladder_on_smoke_and_analyze_without_tensorflow(without_tensorflow, tmp_path):
+def test_full_ladder_on_smoke_without_tensorflow(without_tensorflow, tmp_path):
   """Every adopted step of the main ladder trains (two runs at a time, each its own `python -m
-  experiments.train` process, with a validation split), the view renders it, a second run trains
-  nothing, and the analyses run: all without TensorFlow. (Each side branch's network trains in
+  experiments.train` process, with a validation split), the view renders it and a second run
+  trains nothing: all without TensorFlow. (Each side branch's network trains in
   tests/test_network.py; the view's side-branch rows: tests/test_ladder.py.)"""
   out = tmp_path / 'ladder'
   jobs = str(min(2, len(os.sched_getaffinity(0))))
@@ -73,10 +60,3 @@ def test_full_ladder_on_smoke_and_analyze_without_tensorflow(without_tensorflow,
                              'smoke', '--set', 'data.validation=500')
   assert '0 to train' in again
   assert len(steptable.read_rows(str(out / 'steps.csv'))) == 14
-  without_tensorflow('-m', 'experiments.analyze', 'cka', '--out', str(out),
-                     '--steps', 'resnet50,convnext_t')
-  without_tensorflow('-m', 'experiments.analyze', 'bias', '--out', str(out), '--num', '200',
-                     '--steps', 'resnet50,convnext_t')
-  cka = json.loads((out / 'analysis' / 'cka.json').read_text())
-  assert cka['steps'] == ['resnet50', 'convnext_t'] and cka['num_examples'] == 10000
-  assert (out / 'analysis' / 'bias.json').exists()
