@@ -45,3 +45,44 @@ def fashion(monkeypatch):
                 'apt-get install dataset-fashion-mnist')
   monkeypatch.setenv('MODERNIZE_FASHION_MNIST_DIR', source)
   return source
+
+
+def _train_step(model, x, y, *, evaluate=None, compiler_options=None):
+  """One forward and backward pass of `model` in train mode on images `x` and integer labels `y`
+  (softmax cross-entropy, stochastic depth from a fixed key), and, given `evaluate`, that function
+  of the model in eval mode, all in one compiled function (`compiler_options` for XLA). Checks that
+  the loss and every parameter's gradient are finite; returns (loss, train-mode logits, gradients
+  as an `nnx.State` of the parameters, `evaluate`'s result or None)."""
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def step(params, rest):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      m.train()
+      logits = m(x, key=jax.random.key(1))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    evaluated = None
+    if evaluate is not None:
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      m.eval()
+      evaluated = evaluate(m)
+    return loss, logits, grads, evaluated
+
+  compiled = jax.jit(step).lower(params, rest).compile(compiler_options=compiler_options)
+  loss, logits, grads, evaluated = compiled(params, rest)
+  assert np.isfinite(float(loss))
+  for path, g in nnx.to_flat_state(grads):
+    assert np.all(np.isfinite(g.get_value())), path
+  return loss, logits, grads, evaluated
+
+
+@pytest.fixture
+def train_step():
+  """`_train_step`: the train-mode forward / backward scaffold shared by the model tests."""
+  return _train_step
