@@ -41,10 +41,10 @@ hole-filled silhouette of image A, class s, filled with a mirror-tiled 8x8 patch
 of image B, class t != s; shape classes balanced; --num images, default 2,000, seed --cue-seed),
 preprocessed exactly as the test set. Reports per step the shape bias, accuracy on the shape and on
 the texture labels and test accuracy, and the error consistency (Cohen's kappa, Geirhos et al. 2020)
-of every pair of steps on the ordinary test set. With --reference, the transformers are measured
-too and every step's error consistency with each of them is listed (`error_consistency_to_reference`).
-Writes bias.json, shape_bias.png, error_consistency.png and cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist,
-cifar); the silhouettes assume objects on a plain background, as in Fashion-MNIST.
+of every pair of steps on the ordinary test set. With --reference, the transformers are
+measured too, and every step's error consistency with each of them is listed
+(`error_consistency_to_reference`). Writes bias.json, shape_bias.png, error_consistency.png and
+cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist, cifar); the silhouettes assume objects on a plain background, as in Fashion-MNIST.
 """
 
 from __future__ import annotations

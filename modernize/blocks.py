@@ -1,4 +1,4 @@
-"""The network's parts: stems, the ladder block, separate downsampling, the head.
+"""The network's parts: stems, the ladder block, separate downsampling, the stage, the head.
 
 `LadderBlock` is one residual block that walks from ResNet-50's bottleneck (Fig. 3a of the paper,
 with a dense 3x3) to ConvNeXt's block (Fig. 3c / Fig. 4) as `NetConfig` flags change. Its three
@@ -205,3 +205,20 @@ class Head(nnx.Module):
     if self.norm is not None:
       x = self.norm(x)
     return layers.at_least_float32(self.fc(x))
+
+
+class Stage(nnx.Module):
+  """An optional separate downsampling layer followed by residual blocks: the stage of `Network`
+  (`Downsample` or None) and of `SwinTransformer` (`PatchMerging` in every stage but the first,
+  then blocks alternating unshifted and shifted windows). Block `j` gets `key` folded with `j`."""
+
+  def __init__(self, downsample: nnx.Module | None, blocks: list[nnx.Module]):
+    self.downsample = _maybe(downsample)
+    self.blocks = nnx.List(blocks)
+
+  def __call__(self, x, *, key: jax.Array | None = None):
+    if self.downsample is not None:
+      x = self.downsample(x)
+    for j, block in enumerate(self.blocks):
+      x = block(x, key=None if key is None else jax.random.fold_in(key, j))
+    return x

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from modernize.blocks import Downsample, Head, LadderBlock, Stem
+from modernize.blocks import Downsample, Head, LadderBlock, Stage, Stem
 from modernize.config import ConfigError, NetConfig, feature_size
 from modernize.transformers import MODELS
 
@@ -38,21 +38,6 @@ def stage_blocks(cfg: NetConfig, image_size: int | tuple[int, int] = 224) -> lis
     blocks[-1] = functools.partial(LadderBlock, cfg=cfg,
                                    attention_size=last_feature_map(cfg, image_size))
   return blocks
-
-
-class Stage(nnx.Module):
-  """An optional separate downsampling layer followed by residual blocks."""
-
-  def __init__(self, downsample: Downsample | None, blocks: list[nnx.Module]):
-    self.downsample = downsample if downsample is not None else nnx.data(None)
-    self.blocks = nnx.List(blocks)
-
-  def __call__(self, x, *, key: jax.Array | None = None):
-    if self.downsample is not None:
-      x = self.downsample(x)
-    for j, block in enumerate(self.blocks):
-      x = block(x, key=None if key is None else jax.random.fold_in(key, j))
-    return x
 
 
 class Network(nnx.Module):

@@ -23,7 +23,6 @@ PyTorch's default uniform init).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from modernize import layers
+from modernize.blocks import Stage
 from modernize.config import ConfigError
 
 _DTYPES = ('float32', 'bfloat16')
@@ -346,22 +346,6 @@ class PatchMerging(nnx.Module):
     return self.reduction(self.norm(x.reshape(b, h // 2, w // 2, 4 * c)))
 
 
-class SwinStage(nnx.Module):
-  """Patch merging (every stage but the first), then blocks alternating unshifted and shifted
-  windows."""
-
-  def __init__(self, downsample: PatchMerging | None, blocks: list[SwinBlock]):
-    self.downsample = _maybe(downsample)
-    self.blocks = nnx.List(blocks)
-
-  def __call__(self, x, *, key: jax.Array | None = None):
-    if self.downsample is not None:
-      x = self.downsample(x)
-    for j, block in enumerate(self.blocks):
-      x = block(x, key=None if key is None else jax.random.fold_in(key, j))
-    return x
-
-
 class PatchEmbed(nnx.Module):
   """Non-overlapping patches: a conv of kernel and stride `patch_size`, then (Swin) a LayerNorm."""
 
@@ -406,7 +390,7 @@ class SwinTransformer(nnx.Module):
                           shift=j % 2 == 1, mlp_ratio=cfg.mlp_ratio, drop_path=rates.pop(0),
                           dtype=dtype, rngs=rngs)
                 for j in range(depth)]
-      stages.append(SwinStage(downsample, blocks))
+      stages.append(Stage(downsample, blocks))
       in_dim = dim
     self.layers = nnx.List(stages)
     self.norm = layers.LayerNorm(in_dim, eps=1e-5, dtype=dtype)

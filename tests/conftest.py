@@ -59,9 +59,9 @@ for name in ('tensorflow', 'tensorflow_datasets'):
 
 @pytest.fixture(scope='session')
 def no_tensorflow_env(tmp_path_factory):
-  """The environment of a subprocess in which TensorFlow and tensorflow-datasets are
-  unimportable (as on an accelerator image that ships neither), with a home of its own; Fashion-MNIST
-  then comes from the Debian files."""
+  """The environment of a subprocess in which TensorFlow and tensorflow-datasets are unimportable
+  (as on an accelerator image that ships neither), with a home of its own; Fashion-MNIST then
+  comes from the Debian files."""
   from experiments import datasets
   try:
     datasets.fashion_mnist_dir()
@@ -73,3 +73,44 @@ def no_tensorflow_env(tmp_path_factory):
              HOME=str(tmp_path_factory.mktemp('home')))
   env.pop('TFDS_DATA_DIR', None)
   return env
+
+
+def _train_step(model, x, y, *, evaluate=None, compiler_options=None):
+  """One forward and backward pass of `model` in train mode on images `x` and integer labels `y`
+  (softmax cross-entropy, stochastic depth from a fixed key), and, given `evaluate`, that function
+  of the model in eval mode, all in one compiled function (`compiler_options` for XLA). Checks that
+  the loss and every parameter's gradient are finite; returns (loss, train-mode logits, gradients
+  as an `nnx.State` of the parameters, `evaluate`'s result or None)."""
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def step(params, rest):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      m.train()
+      logits = m(x, key=jax.random.key(1))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    evaluated = None
+    if evaluate is not None:
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      m.eval()
+      evaluated = evaluate(m)
+    return loss, logits, grads, evaluated
+
+  compiled = jax.jit(step).lower(params, rest).compile(compiler_options=compiler_options)
+  loss, logits, grads, evaluated = compiled(params, rest)
+  assert np.isfinite(float(loss))
+  for path, g in nnx.to_flat_state(grads):
+    assert np.all(np.isfinite(g.get_value())), path
+  return loss, logits, grads, evaluated
+
+
+@pytest.fixture
+def train_step():
+  """`_train_step`: the train-mode forward / backward scaffold shared by the model tests."""
+  return _train_step
