@@ -44,7 +44,8 @@ the texture labels and test accuracy, and the error consistency (Cohen's kappa, 
 of every pair of steps on the ordinary test set. With --reference, the transformers are
 measured too, and every step's error consistency with each of them is listed
 (`error_consistency_to_reference`). Writes bias.json, shape_bias.png, error_consistency.png and
-cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist, cifar); the silhouettes assume objects on a plain background, as in Fashion-MNIST.
+cue_conflict_examples.png. Needs an in-memory data set (fashion_mnist, cifar); the silhouettes
+assume objects on a plain background, as in Fashion-MNIST.
 """
 
 from __future__ import annotations
