@@ -100,6 +100,12 @@ def test_cka_against_the_references(ladder_dir):
   for ref in REFERENCES:   # a reference against itself: 1 on the diagonal
     within = np.array(result['reference_within'][ref])
     assert np.allclose(np.diag(within), 1, atol=1e-4)
+  # The references' rows are their own, not a step's: no pair equals a block among the steps.
+  steps_only = [np.array(m) for m in result['within'].values()]
+  steps_only += [np.array(p['matrix']) for p in result['pairs']]
+  steps_only += [m.T for m in steps_only]
+  for matrix in pairs.values():
+    assert not any(np.allclose(matrix, m, atol=1e-3) for m in steps_only)
   for step in STEPS:
     assert f'to swin_t: {result["cka_reference"]["swin_t"][step]:.3f}' in logs['cka']
 
