@@ -99,6 +99,23 @@ def _seeds(step_dir: str) -> list[int]:
                 if d.startswith('seed') and d[4:].isdigit() and _is_run(os.path.join(step_dir, d)))
 
 
+def _check_listed(names: list[str], known: list[str], flag: str, kind: str, where: str = ''):
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise UsageError(f'unknown {kind}(s) {unknown}{where}; {kind}s: {known}')
+  if len(set(names)) != len(names):
+    raise UsageError(f'{flag} names a {kind} twice: {names}')
+
+
+def _load_runs(runs_dir: str, names: list[str], seed: int) -> list[Run]:
+  runs = []
+  for name in names:
+    workdir = os.path.join(runs_dir, name, f'seed{seed}')
+    with open(os.path.join(workdir, 'config.json')) as f:
+      runs.append(Run(name, seed, workdir, json.load(f)))
+  return runs
+
+
 def find_runs(out: str, steps: list[str] | None = None, seed: int = 0) -> list[Run]:
   """The trained runs OUT/runs/STEP/seedSEED, in ladder order; UsageError when there are none."""
   from modernize import ladder as ladders
@@ -114,11 +131,7 @@ def find_runs(out: str, steps: list[str] | None = None, seed: int = 0) -> list[R
     ladder = ladders.get_ladder(json.load(f).get('ladder', 'resnet50'))
   order = ladder.names()
   if steps:
-    unknown = [s for s in steps if s not in order]
-    if unknown:
-      raise UsageError(f'unknown step(s) {unknown} of ladder {ladder.name!r}; steps: {order}')
-    if len(set(steps)) != len(steps):
-      raise UsageError(f'--steps names a step twice: {steps}')
+    _check_listed(steps, order, '--steps', 'step', f' of ladder {ladder.name!r}')
     missing = [s for s in steps if seed not in _seeds(os.path.join(runs_dir, s))]
     if missing:
       found = {s: _seeds(os.path.join(runs_dir, s)) for s in missing}
@@ -129,11 +142,7 @@ def find_runs(out: str, steps: list[str] | None = None, seed: int = 0) -> list[R
     chosen = [s for s in order if seed in _seeds(os.path.join(runs_dir, s))]
     if not chosen:
       raise UsageError(f'no trained run with seed {seed} in {runs_dir} (steps present: {present})')
-  runs = []
-  for step in chosen:
-    workdir = os.path.join(runs_dir, step, f'seed{seed}')
-    with open(os.path.join(workdir, 'config.json')) as f:
-      runs.append(Run(step, seed, workdir, json.load(f)))
+  runs = _load_runs(runs_dir, chosen, seed)
   names = {r.config['data']['name'] for r in runs}
   if len(names) > 1:
     raise UsageError(f'the runs use different data sets {sorted(names)}; analyse them separately '
@@ -147,22 +156,13 @@ def find_reference_runs(out: str, names: list[str], seed: int = 0) -> list[Run]:
   from modernize import presets
 
   runs_dir = os.path.join(out, 'runs')
-  unknown = [n for n in names if n not in presets.REFERENCES]
-  if unknown:
-    raise UsageError(f'unknown reference(s) {unknown}; references: {sorted(presets.REFERENCES)}')
-  if len(set(names)) != len(names):
-    raise UsageError(f'--reference names a reference twice: {names}')
+  _check_listed(names, sorted(presets.REFERENCES), '--reference', 'reference')
   missing = [n for n in names if seed not in _seeds(os.path.join(runs_dir, n))]
   if missing:
     raise UsageError(f'no trained run of reference(s) {missing} with seed {seed} in {runs_dir} '
                      '(train them with `python -m experiments.ladder run --references` and the '
                      "ladder's options)")
-  runs = []
-  for name in names:
-    workdir = os.path.join(runs_dir, name, f'seed{seed}')
-    with open(os.path.join(workdir, 'config.json')) as f:
-      runs.append(Run(name, seed, workdir, json.load(f)))
-  return runs
+  return _load_runs(runs_dir, names, seed)
 
 
 def references(steps: list[str], ladder_name: str = 'resnet50') -> dict[str, str | None]:
