@@ -1,6 +1,7 @@
 # make test    set up .venv (and the Debian Fashion-MNIST files) on a fresh machine, run the tests
 # make ladder  set up, then train and show the default CPU ladder on Fashion-MNIST
 # make ladder-quick  a rough ladder in minutes (one seed, a tenth of the training; not at plateau)
+# make references  after `make ladder`: Swin-T and ViT-S beside it, then the analyses against them
 # make bench   set up (with PyTorch/timm), then time JAX against timm (README, "Speed on CPU")
 # make mutate  plant the deliberate bugs of tests/mutations.toml one at a time; report which the tests catch
 PYTHON ?= python3
@@ -23,7 +24,7 @@ LADDER_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 QUICK_OUT ?= runs/ladder-quick
 QUICK_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature,longer=0.1
 
-.PHONY: venv venv-core test test-fast mutate ladder ladder-quick bench data clean
+.PHONY: venv venv-core test test-fast mutate ladder ladder-quick references bench data clean
 
 venv: $(STAMP)
 venv-core: $(STAMP_CORE)
@@ -62,6 +63,15 @@ mutate: venv data
 ladder: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
 	  --jobs $(LADDER_JOBS) --options $(LADDER_OPTIONS) --show
+
+# The transformer references beside the default CPU ladder, same options and seeds (README,
+# "Transformer references in the ladder"), then every step's CKA, shape bias and error consistency
+# against them ("Inside the ladder").
+references: venv-core data
+	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
+	  --jobs $(LADDER_JOBS) --options $(LADDER_OPTIONS) --references --steps swin_t,vit_s --show
+	$(BIN)/python -m experiments.analyze cka --out $(LADDER_OUT) --reference swin_t,vit_s
+	$(BIN)/python -m experiments.analyze bias --out $(LADDER_OUT) --reference swin_t,vit_s
 
 ladder-quick: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(QUICK_OUT) --seeds 1 --jobs $(LADDER_JOBS) \
