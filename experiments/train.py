@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -582,6 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   appends the run's row to the step table."""
   start_time = time.time()
   watch = Stopwatch()
+  commit = _git_commit()   # the code this process runs, not the checkout's HEAD when it ends
   validate(config, workdir)
   augment = augment_config(config)
   net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
@@ -781,7 +782,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'train_img_per_s': f'{result["train_img_per_s"]:.2f}',
         'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
-        'versions': _versions(), 'git_commit': _git_commit(), 'config_hash': config_hash(config),
+        'versions': _versions(), 'git_commit': commit, 'config_hash': config_hash(config),
         'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': os.path.abspath(workdir),
         'dtype': cfg.dtype,
         'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else ''})
