@@ -1,7 +1,7 @@
 """Look inside the ladder: representations (linear CKA), shape bias and error consistency.
 
   python -m experiments.analyze cka  --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
-                                     [--seed N] [--batch-size B]
+                                     [--seed N] [--baseline-seed M] [--batch-size B]
   python -m experiments.analyze bias --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
                                      [--seed N] [--batch-size B]
 
@@ -29,7 +29,10 @@ every analysed step (same seed), from which come
     as h x w maps; the class token left out), logits against logits -> `to_reference`,
     `cka_reference` (mean over the four stages) in cka.json and cka_to_reference.png, CKA to each
     transformer along the ladder above every step's test top-1 (this seed) beside the
-    transformer's.
+    transformer's;
+  * with --baseline-seed M: each step's and reference's CKA to its own run of seed M, layer by
+    layer (`seed_baseline` in cka.json; a dotted line per transformer in cka_to_reference.png):
+    how alike two trainings of one network are, the scale against which the other values read.
 Memory: one minibatch at a time. Each model's jitted forward pass turns its layer outputs into
 centred n x n Gram matrices on the device; the features never leave it. Feature maps are flattened
 whole (spatial layout included, as Kornblith et al. 2019) when H*W*C <= --max-dim (16,384; every map
@@ -381,15 +384,20 @@ def _save_heatmap(path, matrix, rows, cols, title, xlabel, ylabel, **kwargs):
 # --- cka ------------------------------------------------------------------------------------------
 
 def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 16384,
-            reference_runs: list[Run] = ()) -> dict:
+            reference_runs: list[Run] = (), baseline_runs: list[Run] = ()) -> dict:
   """Minibatch CKA of every layer of every run against every other (with the transformer
-  references' runs, if given); writes cka.json and figures."""
+  references' runs, if given); writes cka.json and figures. `baseline_runs`: the same steps and
+  references trained with another seed, in the order of `runs + reference_runs`, for the seed
+  baseline (each one's CKA to its other seed)."""
   from modernize import analysis
 
   analysis_dir = os.path.join(out, 'analysis')
   os.makedirs(analysis_dir, exist_ok=True)
   steps = [r.step for r in runs]
-  everything = list(runs) + list(reference_runs)
+  analysed = list(runs) + list(reference_runs)
+  if baseline_runs and [r.step for r in baseline_runs] != [r.step for r in analysed]:
+    raise ValueError('baseline_runs must be the analysed steps and references, in their order')
+  everything = analysed + list(baseline_runs)
   num_layers = len(LAYERS)
   start = time.time()
   models = load_models(everything)
@@ -410,7 +418,7 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
     cka.update_grams(jnp.concatenate(grams), mask=mask)
     num_examples += int(mask.sum())
   full = cka.result().reshape(len(everything), num_layers, len(everything), num_layers)
-  accuracy = {r.step: float(c / num_examples) for r, c in zip(everything, correct)}
+  accuracy = {r.step: float(c / num_examples) for r, c in zip(analysed, correct)}
 
   refs = references(steps, runs[0].config.get('ladder', 'resnet50'))
   index = {s: i for i, s in enumerate(steps)}
@@ -442,6 +450,16 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
   }
   if reference_runs:
     result.update(_against_references(full, steps, reference_runs, models[len(runs):]))
+  if baseline_runs:
+    n = len(analysed)
+    per_layer = {r.step: {layer: full[k, l, n + k, l] for l, layer in enumerate(LAYERS)}
+                 for k, r in enumerate(analysed)}
+    result['seed_baseline'] = {
+        'seed': baseline_runs[0].seed, 'per_layer': per_layer,
+        'mean': {name: float(np.mean([v[layer] for layer in LAYERS[:NUM_STAGES]]))
+                 for name, v in per_layer.items()},
+        'test_accuracy': {r.step: float(c / num_examples)
+                          for r, c in zip(baseline_runs, correct[n:])}}
   outputs.write_json(os.path.join(analysis_dir, 'cka.json'), result)
   _plot_cka(analysis_dir, result)
   merge_summary(analysis_dir, 'cka_prev', cka_prev)
@@ -539,6 +557,9 @@ def _plot_cka_to_reference(path: str, result: dict) -> None:
     color = colors[k % len(colors)]
     top.plot(x, [result['cka_reference'][name][s] for s in steps], marker='o', color=color, lw=2,
              label=f'{name}: mean of the 4 stages')
+    if 'seed_baseline' in result:   # how alike two seeds of the transformer itself are
+      top.axhline(result['seed_baseline']['mean'][name], color=color, lw=1.5, ls=':',
+                  label=f'{name} seed {result["seed"]} vs seed {result["seed_baseline"]["seed"]}')
     for l, layer in enumerate(LAYERS[:NUM_STAGES]):
       top.plot(x, [result['to_reference'][name][s][layer] for s in steps], color=color, lw=0.8,
                alpha=0.5, ls=(0, (1 + l, 2)), label=f'{layer} (thin)' if k == 0 else None)
@@ -714,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == 'cka':
       p.add_argument('--max-dim', type=_positive, default=16384,
                      help='feature maps larger than this are 2x2-average-pooled until they fit')
+      p.add_argument('--baseline-seed', type=int, default=None,
+                     help='also compare each step and reference with its own run of this seed '
+                          '(the seed baseline: how alike two trainings of one network are)')
     else:
       p.add_argument('--num', type=_positive, default=2000, help='cue-conflict images')
       p.add_argument('--cue-seed', type=int, default=0, help='seed of the cue-conflict set')
@@ -737,13 +761,23 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == 'cka':
     if args.batch_size < 4:
       raise UsageError('--batch-size must be at least 4 for the unbiased CKA estimator')
+    baseline_runs = []
+    if args.baseline_seed is not None:
+      baseline_runs = (find_runs(args.out, [r.step for r in runs], args.baseline_seed)
+                       + find_reference_runs(args.out, names, args.baseline_seed))
     result = run_cka(args.out, runs, batch_size=args.batch_size, max_dim=args.max_dim,
-                     reference_runs=reference_runs)
+                     reference_runs=reference_runs, baseline_runs=baseline_runs)
     for step in result['steps']:
       value = result['cka_prev'][step]
       ref = result['reference'][step]
       print(f'{step:<22} ' + (f'CKA to {ref}: {value:.3f}' if value is not None else '-')
-            + ''.join(f'  to {n}: {result["cka_reference"][n][step]:.3f}' for n in names))
+            + ''.join(f'  to {n}: {result["cka_reference"][n][step]:.3f}' for n in names)
+            + (f'  to its seed {args.baseline_seed}: {result["seed_baseline"]["mean"][step]:.3f}'
+               if baseline_runs else ''))
+    if baseline_runs:
+      for n in names:
+        print(f'{n:<22} to its seed {args.baseline_seed}: '
+              f'{result["seed_baseline"]["mean"][n]:.3f}')
   else:
     result = run_bias(args.out, runs, batch_size=args.batch_size, num=args.num,
                       cue_seed=args.cue_seed, reference_runs=reference_runs)

@@ -42,14 +42,16 @@ def _finish(proc, timeout=300):
 def ladder_dir(tmp_path_factory, no_tensorflow_env):
   """`ladder run --references --options smoke --steps resnet50,convnext_t --show` (DIR/runs/STEP/
   seed0 for the two steps and the two references), then both analyses against the references (in
-  parallel); all without TensorFlow (conftest.py)."""
+  parallel; `cka` with its seed baseline against seed 0 itself, where every value must be 1); all
+  without TensorFlow (conftest.py)."""
   out = tmp_path_factory.mktemp('ladder')
   logs = {'run': _finish(_start(_command(
       'experiments.ladder', 'run', '--out', str(out), '--references', '--options', 'smoke',
       '--steps', ','.join(STEPS), '--jobs', '2', '--show'), no_tensorflow_env), timeout=900)}
   analyses = {command: _start(_command('experiments.analyze', command, '--out', str(out),
                                        '--reference', ','.join(REFERENCES),
-                                       *(('--num', '500') if command == 'bias' else ())),
+                                       *(('--num', '500') if command == 'bias' else
+                                         ('--baseline-seed', '0'))),
                               no_tensorflow_env)
               for command in ('cka', 'bias')}
   logs.update({command: _finish(proc) for command, proc in analyses.items()})
@@ -79,6 +81,19 @@ def test_cka_outputs(ladder_dir):
   assert set(result['test_accuracy']) == set(STEPS + REFERENCES)
   assert all(0 <= v <= 1 for v in result['test_accuracy'].values())
   assert (analysis / 'cka_to_reference.png').stat().st_size > 1000
+
+
+def test_cka_seed_baseline(ladder_dir):
+  """--baseline-seed 0 on seed-0 runs: each step and reference against itself, 1 at every layer."""
+  out, logs = ladder_dir
+  result = json.loads((out / 'analysis' / 'cka.json').read_text())
+  baseline = result['seed_baseline']
+  assert baseline['seed'] == 0 and set(baseline['per_layer']) == set(STEPS + REFERENCES)
+  for name, layers in baseline['per_layer'].items():
+    assert [layers[layer] for layer in result['layers']] == pytest.approx([1.0] * 5, abs=1e-4)
+    assert baseline['mean'][name] == pytest.approx(1.0, abs=1e-4)
+  assert baseline['test_accuracy'] == result['test_accuracy']
+  assert 'swin_t                 to its seed 0: 1.000' in logs['cka']
 
 
 def test_cka_against_the_references(ladder_dir):
@@ -165,6 +180,8 @@ def test_bad_input_exits_2_in_one_line(ladder_dir, tmp_path, capsys):
       (['cka', '--out', str(tmp_path / 'missing')], 'is not a directory'),
       (['cka', '--out', str(out), '--batch-size', '0'], 'not positive'),
       (['cka', '--out', str(out), '--reference', 'swin_b'], "unknown reference(s) ['swin_b']"),
+      (['cka', '--out', str(out), '--baseline-seed', '5'],
+       "no trained run of step(s) ['resnet50', 'convnext_t'] with seed 5"),
       (['bias', '--out', str(out), '--reference', 'vit_s,vit_s'], 'names a reference twice'),
       (['cka', '--out', str(no_references), '--reference', 'swin_t'],
        "no trained run of reference(s) ['swin_t'] with seed 0"),
