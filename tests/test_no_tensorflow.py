@@ -13,6 +13,7 @@ from experiments import steptable
 from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINAL_CHECKPOINT_ONLY = ('--set', 'checkpoint_every_steps=100000')
 
 
 @pytest.fixture(scope='module')
@@ -43,8 +44,11 @@ def test_full_ladder_on_smoke_without_tensorflow(without_tensorflow, tmp_path):
   tests/test_network.py; the view's side-branch rows: tests/test_ladder.py.)"""
   out = tmp_path / 'ladder'
   jobs = str(min(2, len(os.sched_getaffinity(0))))
+  # Only the final checkpoint (saving every 4 steps is a quarter of a smoke run's CPU; resuming
+  # is tested elsewhere).
   without_tensorflow('-m', 'experiments.ladder', 'run', '--out', str(out), '--options', 'smoke',
-                     '--set', 'data.validation=500', '--jobs', jobs, '--show', timeout=1500)
+                     '--set', 'data.validation=500', *FINAL_CHECKPOINT_ONLY, '--jobs', jobs,
+                     '--show', timeout=1500)
   rows = steptable.read_rows(str(out / 'steps.csv'))
   adopted = LADDER.names(include_side=False)
   assert sorted(r['step'] for r in rows) == sorted(adopted)   # in the order they finished
@@ -57,6 +61,6 @@ def test_full_ladder_on_smoke_without_tensorflow(without_tensorflow, tmp_path):
   assert [s['name'] for s in summary['groups'][0]['steps']] == adopted
   # A second run trains nothing.
   again = without_tensorflow('-m', 'experiments.ladder', 'run', '--out', str(out), '--options',
-                             'smoke', '--set', 'data.validation=500')
+                             'smoke', '--set', 'data.validation=500', *FINAL_CHECKPOINT_ONLY)
   assert '0 to train' in again
   assert len(steptable.read_rows(str(out / 'steps.csv'))) == 14
