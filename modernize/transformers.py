@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from modernize import layers
-from modernize.blocks import Stage
+from modernize.blocks import Stage, _maybe, compute_dtype
 from modernize.config import ConfigError
 
 _DTYPES = ('float32', 'bfloat16')
@@ -167,15 +167,6 @@ def swin_t(**overrides) -> SwinConfig:
 def vit_s(**overrides) -> ViTConfig:
   """ViT-S/16 = DeiT-S: timm's `vit_small_patch16_224`, drop path 0.1 as DeiT trains it."""
   return ViTConfig.from_dict(overrides)
-
-
-def compute_dtype(cfg):
-  """None for float32 (promoted from input and parameters), else the jnp dtype (bfloat16)."""
-  return None if cfg.dtype == 'float32' else jnp.dtype(cfg.dtype)
-
-
-def _maybe(module):
-  return module if module is not None else nnx.data(None)
 
 
 # --- shared parts ---------------------------------------------------------------------------------
