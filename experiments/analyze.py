@@ -227,7 +227,8 @@ def analysis_layers(model, x) -> tuple[list, object]:
 
 
 def _cka_forward(graphdef, max_dim: int):
-  """jit(state, x, mask) -> (Gram matrices (len(LAYERS), n, n), logits) of one network."""
+  """jit(state, x, labels, mask) -> (Gram matrices (len(LAYERS), n, n), number of correct
+  predictions among the unpadded images) of one network."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -235,10 +236,11 @@ def _cka_forward(graphdef, max_dim: int):
   from modernize import analysis
 
   @jax.jit
-  def forward(state, x, mask):
+  def forward(state, x, labels, mask):
     feats, logits = analysis_layers(nnx.merge(graphdef, state), x)
     layers = [analysis.pool_to_size(f, max_dim) for f in feats] + [logits]
-    return jnp.stack([analysis.gram_linear(f, mask) for f in layers]), logits
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+    return jnp.stack([analysis.gram_linear(f, mask) for f in layers]), correct
 
   return forward
 
@@ -405,18 +407,17 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
   dims = {r.step: _feature_dims(g, s, (2, r.data_key[2], r.data_key[2], r.data_key[3]), max_dim)
           for r, (g, s) in zip(everything, models)}
   cka = analysis.MinibatchCKA(len(everything) * num_layers)
-  num_examples, correct = 0, np.zeros(len(everything))
+  num_examples, correct = 0, 0   # correct: per model, summed on the device (no per-batch sync)
   total = math.ceil(_num_test(runs) / batch_size)
   import jax.numpy as jnp
   for images, labels, mask in _progress(split_batches(everything, batch_size), total=total,
                                         desc='cka', unit='batch'):
-    grams = []
-    for i, (fwd, (_, state), r) in enumerate(zip(forwards, models, everything)):
-      gram, logits = fwd(state, images[r.data_key], mask)
-      grams.append(gram)
-      correct[i] += np.sum((np.asarray(logits).argmax(-1) == labels) & mask)
+    grams, counts = zip(*[fwd(state, images[r.data_key], labels, mask)
+                          for fwd, (_, state), r in zip(forwards, models, everything)])
     cka.update_grams(jnp.concatenate(grams), mask=mask)
+    correct = correct + jnp.stack(counts)
     num_examples += int(mask.sum())
+  correct = np.asarray(correct)
   full = cka.result().reshape(len(everything), num_layers, len(everything), num_layers)
   accuracy = {r.step: float(c / num_examples) for r, c in zip(analysed, correct)}
 
