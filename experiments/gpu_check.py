@@ -1,6 +1,7 @@
 """The GPU acceptance run: one command, at most 8 minutes on one GPU with 16 cores and no internet.
 
-  python -m experiments.gpu_check --out DIR [--stages a,b,c,d] [--dry-run]
+  python -m experiments.gpu_check --out DIR [--stages a,b,c,d] [--b-steps S] [--b-variants V]
+                                            [--dry-run]
 
 Stages (each with a time budget, --budget-a ... --budget-d, defaults 120 + 230 + 40 + 30 = 420 s,
 leaving ~60 s for start-up, the environment probe and overruns: a stage stops between cases):
@@ -20,13 +21,15 @@ leaving ~60 s for start-up, the environment probe and overruns: a stage stops be
      batch 128, float32 and bfloat16 (`NetConfig.dtype`), beside timm's resnet50 / convnext_tiny on
      the same GPU (channels_last; float32 beside float32, bfloat16 autocast beside bfloat16), with
      peak GPU memory (jax `memory_stats()['peak_bytes_in_use']`, `torch.cuda.max_memory_allocated`):
-     `experiments.bench.bench_case` (its workers, alternation and `summarize`).
+     `experiments.bench.bench_case` (its workers, alternation and `summarize`). `--b-steps` picks
+     other steps with a timm counterpart; `--b-variants default,shift,cpu-paths` also times the
+     JAX step with the shift depthwise and with the CPU fast paths (`VARIANTS`), each beside timm.
   c  the depthwise 7x7 conv of ConvNeXt-T's four stages at 224px, batch 128, forward and
      forward + backward, for every implementation in `modernize.depthwise`
      (`experiments.bench_depthwise.bench`; 'native' is CPU-only and is recorded as failed on a GPU).
   d  the input pipeline (`experiments.bench_data.bench`): Fashion-MNIST at 224x224x3 with the
      enhanced recipe's augmentation for large images (RandomResizedCrop, flip, RandAugment(2, 9),
-     Random Erasing), batch 128, with os.cpu_count() threads and with one.
+     Random Erasing), batch 128, with os.cpu_count(), 1/2 and 1/4 of it, and 1 thread.
 
 Writes DIR/gpu_check.json (rewritten atomically after every case, so a timeout keeps what
 finished) and DIR/gpu_check.md (a table per stage); prints one line per case. A failing case is
@@ -67,6 +70,14 @@ STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train
 BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 30.0}
 # Environment of every JAX subprocess: share the GPU instead of taking 75% of it each.
 JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+# Stage b's variants (--b-variants): the JAX step traced with these variables (modernize.backend,
+# modernize.depthwise), each timed beside timm. 'default' is what this backend picks by itself.
+VARIANTS = {
+    'default': {},
+    'shift': {'MODERNIZE_DEPTHWISE_IMPL': 'shift'},        # the shifted multiply-add depthwise
+    'cpu-paths': {'MODERNIZE_FAST_PATHS': 'cpu',           # the CPU fast paths (BN/LN/max-pool
+                  'MODERNIZE_DEPTHWISE_IMPL': 'xla'},      # VJPs, erf GELU, conv plans), not 'native'
+}
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin',
             'jax-cuda12-pjrt', 'flax', 'optax', 'orbax-checkpoint', 'ml_collections', 'numpy',
             'torch', 'timm', 'pillow', 'opencv-python-headless')
@@ -89,7 +100,17 @@ def _forced(stage: str, case: str) -> bool:
 
 # --- settings -------------------------------------------------------------------------------------
 
-def settings(dry_run: bool) -> dict:
+def settings(dry_run: bool, b_steps=None, b_variants=('default',)) -> dict:
+  """Every stage's sizes; stage b's models (default ConvNeXt-T and ResNet-50, ConvNeXt-T alone in
+  a dry run) and `VARIANTS` as given."""
+  conf = _sizes(dry_run)
+  if b_steps:
+    conf['b']['steps'] = list(b_steps)
+  conf['b']['variants'] = list(b_variants)
+  return conf
+
+
+def _sizes(dry_run: bool) -> dict:
   cpus = os.cpu_count() or 2
   if dry_run:
     return {'a': {'steps': 'ends', 'options': 'smoke', 'updates': 3, 'batch': 32, 'procs': 2,
@@ -109,7 +130,8 @@ def settings(dry_run: bool) -> dict:
           'c': {'shapes': [(128, 56, 56, 96, 7, 1), (128, 28, 28, 192, 7, 1),
                            (128, 14, 14, 384, 7, 1), (128, 7, 7, 768, 7, 1)],
                 'impls': ['xla', 'shift', 'native'], 'repeats': 20, 'budget_s': 1.0},
-          'd': {'image_size': 224, 'batch': 128, 'steps': 10, 'warmup': 3, 'workers': [cpus, 1]}}
+          'd': {'image_size': 224, 'batch': 128, 'steps': 10, 'warmup': 3,
+                'workers': sorted({cpus, max(1, cpus // 2), max(1, cpus // 4), 1}, reverse=True)}}
 
 
 # --- the result file ------------------------------------------------------------------------------
@@ -170,13 +192,14 @@ def markdown(data: dict) -> str:
                 f"{_f(c.get('top1'), '.2f')} | {_f(c.get('train_img_s'), '.0f')} | "
                 f"{_f(c.get('compile_s'))} | {_f(c.get('wall_s'))} |" for c in cases]
     elif key == 'b':
-      lines += ['| model | dtype | status | JAX img/s | timm img/s | JAX/timm | JAX compile s '
-                '| peak GB JAX / timm |', '|---|---|---|---|---|---|---|---|']
+      lines += ['| model | dtype | variant | status | JAX img/s | timm img/s | JAX/timm '
+                '| JAX compile s | peak GB JAX / timm |', '|---|---|---|---|---|---|---|---|---|']
       for c in cases:
         j, t = c.get('jax') or {}, c.get('torch') or {}
         gb = lambda r: _f(r['device_peak_mb'] / 1024, '.2f') if r.get('device_peak_mb') else '-'
         peak = f'{gb(j)} / {gb(t)}'
-        lines.append(f"| {c['step']} | {c['dtype']} | {c['status']} | {_f(j.get('img_s'), '.0f')} "
+        lines.append(f"| {c['step']} | {c['dtype']} | {c.get('variant', 'default')} | "
+                     f"{c['status']} | {_f(j.get('img_s'), '.0f')} "
                      f"| {_f(t.get('img_s'), '.0f')} | {_f(c.get('ratio'), '.2f')} | "
                      f"{_f(j.get('compile_s'))} | {peak} |")
     elif key == 'c':
@@ -427,68 +450,90 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
   finally:
     mm.close()
   st['matmul_gflops'] = matmul
-  cases = [(step, dtype) for step in conf['steps'] for dtype in conf['dtypes']]
+  cases = [(step, dtype, variant) for step in conf['steps'] for dtype in conf['dtypes']
+           for variant in conf.get('variants', ['default'])]
   size, batch = conf['size'], conf['batch']
 
-  def compile_case(w, step, dtype):
-    if _forced('b', f'{step} {dtype}'):
+  def case_name(step, dtype, variant):
+    return f'{step} {dtype}' + ('' if variant == 'default' else f' {variant}')
+
+  def compile_case(w, step, dtype, variant):
+    if _forced('b', case_name(step, dtype, variant)):
       raise RuntimeError('forced failure (test)')
     # float32 is the default compute dtype: asked for by leaving dtype out, so that it runs
     # with or without NetConfig.dtype.
     extra = {} if dtype == 'float32' else {'dtype': dtype}
     return w.call('setup', step=step, size=size, batch=batch, scale='full', warmup=False, **extra)
 
-  jax_workers = {c: bench.Worker('jax', args, JAX_ENV) for c in cases}
+  def record(c, measure) -> None:
+    step, dtype, variant = c
+    case = {'case': case_name(*c), 'step': step, 'dtype': dtype, 'variant': variant,
+            'variant_env': VARIANTS[variant], 'shape': f'{size}x{size}', 'batch': batch,
+            'timm': bench.TIMM_EQUIVALENT.get(step)}
+    workers = {'jax': jax_workers[c]}
+    try:
+      measure(case, workers)
+    except Exception as e:  # noqa: BLE001 - recorded, the next case runs
+      case.update(status='failed', error=_one_line(str(e)))
+      _report_case('b', case)
+    finally:
+      for w in workers.values():
+        w.close()
+      st['cases'].append(case)
+      save()
+
+  def timed(future, compiling_meanwhile):
+    def measure(case, workers):
+      setup = {'jax': future.result()}   # raises the compile's error
+      case['compiling_meanwhile'] = compiling_meanwhile
+      workers['jax'].call('run', n=2)   # warm-up
+      workers['torch'], setup['torch'] = bench._torch_worker(   # pylint: disable=protected-access
+          case['step'], size, batch, args, conf['device'], case['dtype'] == 'bfloat16')
+      times, per_round = bench.alternate(workers, args.rounds, args.round_seconds)
+      for k, w in workers.items():
+        case[k] = {**bench.summarize(times[k], batch), **setup[k], **w.call('peak'),
+                   **(w.call('device_peak') if conf['device'] != 'cpu' else {})}
+        case[k].pop('config', None)
+      flops = 3 * 2 * case['jax']['macs'] * batch
+      for k in workers:
+        case[k]['gflops'] = flops / case[k]['median_s'] / 1e9
+      case['ratio'] = case['jax']['img_s'] / case['torch']['img_s']
+      ratios = [r['torch'] / r['jax'] for r in per_round]
+      case['ratio_rounds'] = [min(ratios), max(ratios)]
+      case['status'] = 'ok'
+      j, t = case['jax'], case['torch']
+      _log(f"b {case['case']}: ok JAX {j['img_s']:.0f} img/s (compile {j['compile_s']:.1f} s, "
+           f"peak {_f(j.get('device_peak_mb'), '.0f')} MB), timm {t['img_s']:.0f} img/s (peak "
+           f"{_f(t.get('device_peak_mb'), '.0f')} MB), JAX/timm {case['ratio']:.2f}")
+    return measure
+
+  def skipped(case, workers):
+    case.update(status='skipped', error=f'not compiled within the stage budget {budget:.0f} s')
+    st['skipped'].append(case['case'])
+    _report_case('b', case)
+
+  jax_workers = {c: bench.Worker('jax', args, {**JAX_ENV, **VARIANTS[c[2]]}) for c in cases}
   with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-    futures = {c: pool.submit(compile_case, w, *c) for c, w in jax_workers.items()}
-    for (step, dtype) in cases:
-      name = f'{step} {dtype}'
-      case = {'case': name, 'step': step, 'dtype': dtype, 'shape': f'{size}x{size}',
-              'batch': batch, 'timm': bench.TIMM_EQUIVALENT.get(step)}
-      workers = {'jax': jax_workers[(step, dtype)]}
-      try:
-        setup_jax = None
-        if time.time() - start < budget:
-          try:
-            setup_jax = futures[(step, dtype)].result(timeout=budget - (time.time() - start))
-          except concurrent.futures.TimeoutError:
-            pass
-        if setup_jax is None:   # budget spent (maybe while compiling): stop every compile
-          for w in jax_workers.values():
-            if w.proc.poll() is None:
-              w.proc.kill()
-          case['status'] = 'skipped'
-          st['skipped'].append(name)
-          _report_case('b', case)
-          continue
-        workers['jax'].call('run', n=2)   # warm-up
-        setup = {'jax': setup_jax}
-        workers['torch'], setup['torch'] = bench._torch_worker(   # pylint: disable=protected-access
-            step, size, batch, args, conf['device'], dtype == 'bfloat16')
-        times, per_round = bench.alternate(workers, args.rounds, args.round_seconds)
-        for k, w in workers.items():
-          case[k] = {**bench.summarize(times[k], batch), **setup[k], **w.call('peak'),
-                     **(w.call('device_peak') if conf['device'] != 'cpu' else {})}
-          case[k].pop('config', None)
-        flops = 3 * 2 * case['jax']['macs'] * batch
-        for k in workers:
-          case[k]['gflops'] = flops / case[k]['median_s'] / 1e9
-        case['ratio'] = case['jax']['img_s'] / case['torch']['img_s']
-        ratios = [r['torch'] / r['jax'] for r in per_round]
-        case['ratio_rounds'] = [min(ratios), max(ratios)]
-        case['status'] = 'ok'
-        j, t = case['jax'], case['torch']
-        _log(f"b {name}: ok JAX {j['img_s']:.0f} img/s (compile {j['compile_s']:.1f} s, peak "
-             f"{_f(j.get('device_peak_mb'), '.0f')} MB), timm {t['img_s']:.0f} img/s (peak "
-             f"{_f(t.get('device_peak_mb'), '.0f')} MB), JAX/timm {case['ratio']:.2f}")
-      except Exception as e:  # noqa: BLE001 - recorded, the next case runs
-        case.update(status='failed', error=_one_line(str(e)))
-        _report_case('b', case)
-      finally:
-        for w in workers.values():
-          w.close()
-        st['cases'].append(case)
-        save()
+    futures = {pool.submit(compile_case, w, *c): c for c, w in jax_workers.items()}
+    # Timed in the order the compiles finish, so that a slow compile costs its own case only (the
+    # H200 run of 2026-11-27 waited 4 minutes on one); a case timed while others still compile
+    # shares the CPU and the GPU with them, and says how many ('compiling_meanwhile').
+    done = set()
+    try:
+      for future in concurrent.futures.as_completed(
+          futures, timeout=max(0.0, budget - (time.time() - start))):
+        if time.time() - start > budget:
+          break
+        done.add(future)
+        record(futures[future], timed(future, sum(not f.done() for f in futures)))
+    except concurrent.futures.TimeoutError:
+      pass
+    for w in jax_workers.values():   # budget spent: stop every compile still running
+      if w.proc.poll() is None:
+        w.proc.kill()
+    for future, c in futures.items():
+      if future not in done:
+        record(c, skipped)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -501,6 +546,11 @@ def parse_args(argv):
   for s in STAGES:
     p.add_argument(f'--budget-{s}', type=float, default=BUDGETS[s],
                    help=f'seconds for stage {s} (default %(default)s)')
+  p.add_argument('--b-steps', help='stage b\'s ladder steps, comma-separated '
+                 '(default convnext_t,resnet50)')
+  p.add_argument('--b-variants', default='default',
+                 help=f"stage b's variants of the JAX step, comma-separated, from "
+                      f"{','.join(VARIANTS)} (default %(default)s)")
   p.add_argument('--worker', choices=['env', 'c', 'd'], help=argparse.SUPPRESS)
   p.add_argument('--conf', help=argparse.SUPPRESS)
   p.add_argument('--budget', type=float, help=argparse.SUPPRESS)
@@ -521,6 +571,18 @@ def main(argv=None) -> int:
     raise UsageError(f'--stages: unknown stage(s) {bad or stages}; choose from a,b,c,d')
   if not args.out:
     raise UsageError('--out DIR is required')
+  variants = [v.strip() for v in args.b_variants.split(',') if v.strip()]
+  bad = sorted(set(variants) - set(VARIANTS))
+  if bad or not variants:
+    raise UsageError(f"--b-variants: unknown variant(s) {bad or variants}; choose from "
+                     f"{','.join(VARIANTS)}")
+  b_steps = [v.strip() for v in (args.b_steps or '').split(',') if v.strip()]
+  if b_steps:
+    from experiments.bench import TIMM_EQUIVALENT
+    bad = sorted(set(b_steps) - set(TIMM_EQUIVALENT))
+    if bad:
+      raise UsageError(f"--b-steps: no timm counterpart for {bad}; choose from "
+                       f"{','.join(TIMM_EQUIVALENT)}")
   for s in STAGES:
     if getattr(args, f'budget_{s}') <= 0:
       raise UsageError(f'--budget-{s} must be positive')
@@ -531,7 +593,7 @@ def main(argv=None) -> int:
   if args.dry_run:   # the CPU only, whatever the machine has
     JAX_ENV['JAX_PLATFORMS'] = 'cpu'
     JAX_ENV['CUDA_VISIBLE_DEVICES'] = ''
-  conf = settings(args.dry_run)
+  conf = settings(args.dry_run, b_steps, variants)
   report = Report(args.out, args, conf)
   t_start = time.time()
 

@@ -56,15 +56,20 @@ def test_dry_run_writes_every_stage_and_records_a_forced_failure(tmp_path):
 
 def test_stages_past_their_budget_record_what_they_skipped(tmp_path):
   # Stage b's budget runs out while its JAX workers compile: they are stopped, not waited for.
+  # Stage b lists one case per (model, dtype, variant).
   r = _run('--out', str(tmp_path), '--dry-run', '--stages', 'b,d', '--budget-b', '0.0001',
-           '--budget-d', '0.0001', env={'MODERNIZE_GPU_CHECK_FAIL': ''})
+           '--budget-d', '0.0001', '--b-variants', 'default,shift',
+           env={'MODERNIZE_GPU_CHECK_FAIL': ''})
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads((tmp_path / 'gpu_check.json').read_text())
-  for stage, n in (('b', 2), ('d', 2)):
+  for stage, n in (('b', 4), ('d', 2)):
     st = data['stages'][stage]
     assert st['status'] == 'stopped (budget)', st
     assert len(st['skipped']) == n and all(c['status'] == 'skipped' for c in st['cases'])
   assert data['stages']['b']['wall_s'] < 60
+  assert set(data['stages']['b']['skipped']) == {
+      'convnext_t float32', 'convnext_t bfloat16', 'convnext_t float32 shift',
+      'convnext_t bfloat16 shift'}
   assert 'Skipped (budget' in (tmp_path / 'gpu_check.md').read_text()
 
 
@@ -84,3 +89,7 @@ def test_bad_stages_exit_2_with_one_line(tmp_path):
   assert r.stderr.strip().splitlines() == [
       "error: --stages: unknown stage(s) ['x']; choose from a,b,c,d"]
   assert not (tmp_path / 'gpu_check.json').exists()
+  r = _run('--out', str(tmp_path), '--b-variants', 'default,fast', timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      "error: --b-variants: unknown variant(s) ['fast']; choose from default,shift,cpu-paths"]
