@@ -527,3 +527,12 @@ def test_truncated_test_image_gives_a_one_line_error(tmp_path):
   with pytest.raises(datasets.DatasetUnavailable) as error:
     list(pipeline.eval_batches(name, batch_size=16, image_size=8, num_workers=0))
   assert str(cut) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_default_workers_one_per_core_at_most_8(monkeypatch):
+  monkeypatch.delenv('MODERNIZE_DATA_WORKERS', raising=False)
+  for cores, expected in ((1, 1), (2, 2), (8, 8), (16, 8)):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cores: set(range(n)), raising=False)
+    assert pipeline.default_workers() == expected, cores
+  monkeypatch.setenv('MODERNIZE_DATA_WORKERS', '12')
+  assert pipeline.default_workers() == 12
