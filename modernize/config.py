@@ -36,8 +36,31 @@ _CHOICES = {
 }
 
 
+class FlagsConfig:
+  """`from_dict`, `to_dict` and `replace` for a frozen dataclass of named flags (`NetConfig` and
+  the transformers' configs): unknown flags are refused in one `ConfigError` that names them."""
+
+  _KIND = None   # the word for the flags in error messages; default: the class's name
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]):
+    """Builds a config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ConfigError(f'unknown {cls._KIND or cls.__name__} flag(s) {unknown}; '
+                        f'known flags: {sorted(names)}')
+    return cls(**dict(values))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes):
+    return self.from_dict({**self.to_dict(), **changes})
+
+
 @dataclasses.dataclass(frozen=True)
-class NetConfig:
+class NetConfig(FlagsConfig):
   """Architecture flags. Defaults give torchvision's ResNet-50.
 
   Attributes:
@@ -103,24 +126,11 @@ class NetConfig:
   depthwise_impl: str = 'auto'
   dtype: str = 'float32'
 
+  _KIND = 'network'
+
   def __post_init__(self):
     object.__setattr__(self, 'depths', tuple(self.depths))
     self._validate()
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> 'NetConfig':
-    """Builds a config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ConfigError(f'unknown network flag(s) {unknown}; known flags: {sorted(names)}')
-    return cls(**dict(values))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def replace(self, **changes) -> 'NetConfig':
-    return self.from_dict({**self.to_dict(), **changes})
 
   def stage_widths(self) -> tuple[int, ...]:
     """Channels of the residual stream in each stage."""

@@ -23,7 +23,6 @@ PyTorch's default uniform init).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,29 +31,15 @@ from flax import nnx
 
 from modernize import layers
 from modernize.blocks import Stage, _maybe, compute_dtype
-from modernize.config import ConfigError
+from modernize.config import ConfigError, FlagsConfig
 
 _DTYPES = ('float32', 'bfloat16')
 
 
 # --- configs --------------------------------------------------------------------------------------
 
-class _Config:
-  """`replace`, `to_dict`, `from_dict` and the checks shared by the two configs."""
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ConfigError(f'unknown {cls.__name__} flag(s) {unknown}; known flags: {sorted(names)}')
-    return cls(**dict(values))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def replace(self, **changes):
-    return self.from_dict({**self.to_dict(), **changes})
+class _Config(FlagsConfig):
+  """The checks shared by the two configs (`from_dict`, `to_dict`, `replace`: `FlagsConfig`)."""
 
   def _fail(self, flag, message):
     raise ConfigError(f'{flag}={getattr(self, flag)!r}: {message}')
