@@ -28,6 +28,7 @@ import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+from typing import Callable
 
 ENV_VAR = 'MODERNIZE_FAST_PATHS'
 CHOICES = ('auto', 'cpu', 'xla')
@@ -72,6 +73,26 @@ def fast_paths() -> bool:
     return c == 'cpu'
   import jax  # pylint: disable=import-outside-toplevel
   return jax.default_backend() == 'cpu'
+
+
+def resolve(op: str, impl: str, impls: tuple[str, ...], env_var: str, dtype,
+            fast: Callable[[], str]) -> str:
+  """The implementation of `op` that `impl` names here, for the ops with several (`modernize.conv`,
+  `modernize.depthwise`): an explicit one wins; 'auto' reads `$env_var`; still 'auto', `fast()` where
+  the CPU fast paths are taken and `dtype` is float32 (the non-XLA implementations are float32-only),
+  else 'xla'."""
+  if impl not in impls:
+    raise ValueError(f'{op}: impl must be one of {impls}, got {impl!r}')
+  if impl == 'auto':
+    impl = os.environ.get(env_var, '').strip().lower() or 'auto'
+    if impl not in impls:
+      raise ValueError(f'${env_var}={impl!r}; expected one of {impls}')
+  if impl != 'auto':
+    return impl
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  if not fast_paths() or jnp.dtype(dtype) != jnp.float32:
+    return 'xla'
+  return fast()
 
 
 def expected_platform() -> str:

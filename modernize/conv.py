@@ -35,7 +35,6 @@ all-reduce, as it does for XLA's own conv.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import jax
@@ -50,18 +49,9 @@ METHODS = ('conv', 'dot')
 
 
 def resolve_impl(impl: str = 'auto', dtype=jnp.float32) -> str:
-  """The concrete implementation ('xla', 'gemm' or 'cpu') that `impl` means here."""
-  if impl not in IMPLS:
-    raise ValueError(f'conv2d: impl must be one of {IMPLS}, got {impl!r}')
-  if impl == 'auto':
-    impl = os.environ.get(ENV_VAR, '').strip().lower() or 'auto'
-    if impl not in IMPLS:
-      raise ValueError(f'${ENV_VAR}={impl!r}; expected one of {IMPLS}')
-  if impl != 'auto':
-    return impl
-  if not backend.fast_paths() or jnp.dtype(dtype) != jnp.float32:
-    return 'xla'
-  return 'cpu'
+  """The concrete implementation ('xla', 'gemm' or 'cpu') that `impl` means here: 'auto' is
+  `$MODERNIZE_CONV_IMPL`, else 'cpu' where the CPU fast paths are taken for float32, else 'xla'."""
+  return backend.resolve('conv2d', impl, IMPLS, ENV_VAR, dtype, lambda: 'cpu')
 
 
 def out_size(n: int, k: int, s: int, p: int) -> int:

@@ -114,17 +114,8 @@ def resolve_impl(impl: str = 'auto', dtype=jnp.float32) -> str:
   CPU for float32 (``'shift'`` if the C++ kernel cannot be built), ``'xla'`` elsewhere and for
   other dtypes (the native kernel is float32-only: bfloat16 falls back to XLA's op).
   """
-  if impl == 'auto':
-    impl = os.environ.get(ENV_VAR, '').strip().lower() or 'auto'
-    if impl not in IMPLS:
-      raise ValueError(f'${ENV_VAR}={impl!r}; expected one of {IMPLS}')
-  elif impl not in IMPLS:
-    raise ValueError(f'depthwise_conv2d: impl must be one of {IMPLS}, got {impl!r}')
-  if impl != 'auto':
-    return impl
-  if not backend.fast_paths() or jnp.dtype(dtype) != jnp.float32:
-    return 'xla'
-  return 'native' if native_available(warn=True) else 'shift'
+  return backend.resolve('depthwise_conv2d', impl, IMPLS, ENV_VAR, dtype,
+                         lambda: 'native' if native_available(warn=True) else 'shift')
 
 
 # ------------------------------------------------------------------------------------------
