@@ -145,12 +145,19 @@ def find_runs(out: str, steps: list[str] | None = None, seed: int = 0) -> list[R
     chosen = [s for s in order if seed in _seeds(os.path.join(runs_dir, s))]
     if not chosen:
       raise UsageError(f'no trained run with seed {seed} in {runs_dir} (steps present: {present})')
-  runs = _load_runs(runs_dir, chosen, seed)
-  names = {r.config['data']['name'] for r in runs}
+  return _load_runs(runs_dir, chosen, seed)
+
+
+def _check_one_data_set(runs: list[Run], reference_runs: list[Run]) -> None:
+  """UsageError unless the steps' runs share one data set and the references' runs use it too."""
+  names = sorted({r.config['data']['name'] for r in runs})
   if len(names) > 1:
-    raise UsageError(f'the runs use different data sets {sorted(names)}; analyse them separately '
+    raise UsageError(f'the runs use different data sets {names}; analyse them separately '
                      'with --steps')
-  return runs
+  other = {r.step: r.config['data']['name'] for r in reference_runs
+           if r.config['data']['name'] != names[0]}
+  if other:
+    raise UsageError(f'reference run(s) {other} use another data set than the ladder ({names[0]})')
 
 
 def find_reference_runs(out: str, names: list[str], seed: int = 0) -> list[Run]:
@@ -754,18 +761,15 @@ def main(argv: list[str] | None = None) -> int:
   runs = find_runs(args.out, steps or None, args.seed)
   names = [s.strip() for s in args.reference.split(',') if s.strip()]
   reference_runs = find_reference_runs(args.out, names, args.seed)
-  data = {r.step: r.config['data']['name'] for r in reference_runs}
-  other = {n: d for n, d in data.items() if d != runs[0].config['data']['name']}
-  if other:
-    raise UsageError(f'reference run(s) {other} use another data set than the ladder '
-                     f"({runs[0].config['data']['name']})")
+  baseline_steps, baseline_references = [], []
+  if args.command == 'cka' and args.baseline_seed is not None:
+    baseline_steps = find_runs(args.out, [r.step for r in runs], args.baseline_seed)
+    baseline_references = find_reference_runs(args.out, names, args.baseline_seed)
+  _check_one_data_set(runs + baseline_steps, reference_runs + baseline_references)
   if args.command == 'cka':
     if args.batch_size < 4:
       raise UsageError('--batch-size must be at least 4 for the unbiased CKA estimator')
-    baseline_runs = []
-    if args.baseline_seed is not None:
-      baseline_runs = (find_runs(args.out, [r.step for r in runs], args.baseline_seed)
-                       + find_reference_runs(args.out, names, args.baseline_seed))
+    baseline_runs = baseline_steps + baseline_references
     result = run_cka(args.out, runs, batch_size=args.batch_size, max_dim=args.max_dim,
                      reference_runs=reference_runs, baseline_runs=baseline_runs)
     for step in result['steps']:

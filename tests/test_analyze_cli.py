@@ -172,6 +172,16 @@ def test_bad_input_exits_2_in_one_line(ladder_dir, tmp_path, capsys):
   no_references = tmp_path / 'steps_only'   # the ladder's resnet50 run without the references
   (no_references / 'runs').mkdir(parents=True)
   (no_references / 'runs' / 'resnet50').symlink_to(out / 'runs' / 'resnet50')
+  mixed = tmp_path / 'mixed'   # resnet50 as trained; convnext_t and swin_t "on cifar10"
+  (mixed / 'runs').mkdir(parents=True)
+  (mixed / 'runs' / 'resnet50').symlink_to(out / 'runs' / 'resnet50')
+  for name in ('convnext_t', 'swin_t'):
+    run = mixed / 'runs' / name / 'seed0'
+    run.mkdir(parents=True)
+    (run / 'checkpoints').symlink_to(out / 'runs' / name / 'seed0' / 'checkpoints')
+    config = json.loads((out / 'runs' / name / 'seed0' / 'config.json').read_text())
+    config['data']['name'] = 'cifar10'
+    (run / 'config.json').write_text(json.dumps(config))
   res = subprocess.run(_command('experiments.analyze', 'cka', '--out', str(tmp_path)), cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 2
@@ -189,6 +199,11 @@ def test_bad_input_exits_2_in_one_line(ladder_dir, tmp_path, capsys):
       (['bias', '--out', str(out), '--reference', 'vit_s,vit_s'], 'names a reference twice'),
       (['cka', '--out', str(no_references), '--reference', 'swin_t'],
        "no trained run of reference(s) ['swin_t'] with seed 0"),
+      (['cka', '--out', str(mixed)],
+       "the runs use different data sets ['cifar10', 'fashion_mnist']"),
+      (['bias', '--out', str(mixed), '--steps', 'resnet50', '--reference', 'swin_t'],
+       "reference run(s) {'swin_t': 'cifar10'} use another data set than the ladder "
+       '(fashion_mnist)'),
       (['shape'], 'invalid choice')):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
