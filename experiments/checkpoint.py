@@ -224,7 +224,7 @@ def load_trained_model(workdir: str, step: int | None = None):
 
   from modernize import presets
   from modernize.config import NetConfig
-  from modernize.network import create_model
+  from modernize.network import build
 
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
@@ -243,7 +243,12 @@ def load_trained_model(workdir: str, step: int | None = None):
     cfg = presets.preset(arch, **dict(
         values, img_size=image_size, num_classes=head['bias']['value'].shape[0],
         in_channels=params['patch_embed']['proj']['kernel']['value'].shape[2]))
-  model = create_model(cfg, image_size=image_size)
+  # The network's structure without computing an initialisation (it would be overwritten): the
+  # weights and statistics come from the checkpoint, the DropPath random state (unused in eval
+  # mode) is a fixed key.
+  graphdef, params, batch_stats, rest = nnx.split(
+      nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0), image_size=image_size)),
+      nnx.Param, nnx.BatchStat, ...)
 
   def lookup(tree, path):
     for key in path:
@@ -251,9 +256,15 @@ def load_trained_model(workdir: str, step: int | None = None):
       tree = tree[str(name)]
     return tree['value'] if isinstance(tree, dict) else tree
 
-  for kind, name in ((nnx.Param, 'params'), (nnx.BatchStat, 'batch_stats')):
-    state = nnx.state(model, kind)
-    nnx.update(model, jax.tree_util.tree_map_with_path(
-        lambda path, _: jax.numpy.asarray(lookup(saved[name], path)), state))
+  def concrete(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.key(0)
+    return jax.numpy.zeros(leaf.shape, leaf.dtype)
+
+  params, batch_stats = (
+      jax.tree_util.tree_map_with_path(
+          lambda path, _, name=name: jax.numpy.asarray(lookup(saved[name], path)), state)
+      for state, name in ((params, 'params'), (batch_stats, 'batch_stats')))
+  model = nnx.merge(graphdef, params, batch_stats, jax.tree.map(concrete, rest))
   model.eval()
   return model, config
