@@ -1,7 +1,7 @@
 """Look inside the ladder: representations (linear CKA), shape bias and error consistency.
 
   python -m experiments.analyze cka  --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
-                                     [--seed N] [--baseline-seed M] [--batch-size B]
+                                     [--seed N] [--baseline-seed M] [--batch-size B] [--examples E]
   python -m experiments.analyze bias --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
                                      [--seed N] [--batch-size B]
 
@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -233,9 +234,11 @@ def analysis_layers(model, x) -> tuple[list, object]:
   return feats, logits
 
 
+@functools.lru_cache(maxsize=None)
 def _cka_forward(graphdef, max_dim: int):
   """jit(state, x, labels, mask) -> (Gram matrices (len(LAYERS), n, n), number of correct
-  predictions among the unpadded images) of one network."""
+  predictions among the unpadded images) of one network; one per architecture (equal graphdefs:
+  two seeds of a step share it, and its compiled program)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -252,6 +255,7 @@ def _cka_forward(graphdef, max_dim: int):
   return forward
 
 
+@functools.lru_cache(maxsize=None)
 def _logits_forward(graphdef):
   import jax
   from flax import nnx
@@ -278,13 +282,16 @@ def _feature_dims(graphdef, state, shape, max_dim: int) -> dict[str, int]:
   return {name: int(np.prod(o.shape[1:])) for name, o in zip(LAYERS, out)}
 
 
-def split_batches(runs: list[Run], batch_size: int) -> Iterator[tuple]:
-  """(images per data key, labels, mask) over the whole test split, one pipeline per input key."""
+def split_batches(runs: list[Run], batch_size: int,
+                  num_examples: int | None = None) -> Iterator[tuple]:
+  """(images per data key, labels, mask) over the test split (its first `num_examples`, or all),
+  one pipeline per input key."""
   from experiments import pipeline
 
   keys = sorted({r.data_key for r in runs})
   iterators = [pipeline.eval_batches(name, data_dir=data_dir or None, batch_size=batch_size,
-                                     image_size=size, channels=channels)
+                                     image_size=size, channels=channels,
+                                     num_examples=num_examples)
                for name, data_dir, size, channels in keys]
   specs = [pipeline.input_spec(name, data_dir or None, channels)
            for name, data_dir, _, channels in keys]
@@ -315,11 +322,12 @@ def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:
   return np.ascontiguousarray(out)
 
 
-def _num_test(runs: list[Run]) -> int:
+def _num_test(runs: list[Run], num_examples: int | None = None) -> int:
   from experiments import datasets
 
   name, data_dir, _, _ = runs[0].data_key
-  return datasets.info(name, data_dir or None).num_test
+  num_test = datasets.info(name, data_dir or None).num_test
+  return min(num_test, num_examples) if num_examples else num_test
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -393,9 +401,11 @@ def _save_heatmap(path, matrix, rows, cols, title, xlabel, ylabel, **kwargs):
 # --- cka ------------------------------------------------------------------------------------------
 
 def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 16384,
-            reference_runs: list[Run] = (), baseline_runs: list[Run] = ()) -> dict:
+            reference_runs: list[Run] = (), baseline_runs: list[Run] = (),
+            examples: int | None = None) -> dict:
   """Minibatch CKA of every layer of every run against every other (with the transformer
-  references' runs, if given); writes cka.json and figures. `baseline_runs`: the same steps and
+  references' runs, if given) on the test split's first `examples` images (None: all); writes
+  cka.json and figures. `baseline_runs`: the same steps and
   references trained with another seed, in the order of `runs + reference_runs`, for the seed
   baseline (each one's CKA to its other seed)."""
   from modernize import analysis
@@ -415,10 +425,10 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
           for r, (g, s) in zip(everything, models)}
   cka = analysis.MinibatchCKA(len(everything) * num_layers)
   num_examples, correct = 0, 0   # correct: per model, summed on the device (no per-batch sync)
-  total = math.ceil(_num_test(runs) / batch_size)
+  total = math.ceil(_num_test(runs, examples) / batch_size)
   import jax.numpy as jnp
-  for images, labels, mask in _progress(split_batches(everything, batch_size), total=total,
-                                        desc='cka', unit='batch'):
+  for images, labels, mask in _progress(split_batches(everything, batch_size, examples),
+                                        total=total, desc='cka', unit='batch'):
     grams, counts = zip(*[fwd(state, images[r.data_key], labels, mask)
                           for fwd, (_, state), r in zip(forwards, models, everything)])
     cka.update_grams(jnp.concatenate(grams), mask=mask)
@@ -743,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == 'cka':
       p.add_argument('--max-dim', type=_positive, default=16384,
                      help='feature maps larger than this are 2x2-average-pooled until they fit')
+      p.add_argument('--examples', type=_positive, default=None,
+                     help='the first N test images only (default: the whole test split)')
       p.add_argument('--baseline-seed', type=int, default=None,
                      help='also compare each step and reference with its own run of this seed '
                           '(the seed baseline: how alike two trainings of one network are)')
@@ -750,11 +762,9 @@ def main(argv: list[str] | None = None) -> int:
       p.add_argument('--num', type=_positive, default=2000, help='cue-conflict images')
       p.add_argument('--cue-seed', type=int, default=0, help='seed of the cue-conflict set')
   args = parser.parse_args(argv)
-  try:  # orbax's notes on restoring checkpoints are noise here
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.ERROR)
-  except ImportError:
-    pass
+  from experiments.train import enable_compilation_cache, quiet_libraries
+  quiet_libraries()   # orbax's notes on restoring checkpoints are noise here
+  enable_compilation_cache()   # each model's init and forward, across analyses and runs
   if not os.path.isdir(args.out):
     raise UsageError(f'--out {args.out!r} is not a directory')
   steps = [s.strip() for s in args.steps.split(',') if s.strip()]
@@ -771,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
       raise UsageError('--batch-size must be at least 4 for the unbiased CKA estimator')
     baseline_runs = baseline_steps + baseline_references
     result = run_cka(args.out, runs, batch_size=args.batch_size, max_dim=args.max_dim,
-                     reference_runs=reference_runs, baseline_runs=baseline_runs)
+                     reference_runs=reference_runs, baseline_runs=baseline_runs,
+                     examples=args.examples)
     for step in result['steps']:
       value = result['cka_prev'][step]
       ref = result['reference'][step]

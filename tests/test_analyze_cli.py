@@ -45,8 +45,8 @@ def _finish(proc, timeout=300):
 def ladder_dir(tmp_path_factory, no_tensorflow_env):
   """`ladder run --references --options smoke --steps resnet50,convnext_t --show` (DIR/runs/STEP/
   seed0 for the two steps and the two references), then both analyses against the references (in
-  parallel; `cka` with its seed baseline against seed 0 itself, where every value must be 1); all
-  without TensorFlow (conftest.py)."""
+  parallel; `cka` on the first 1,000 test images, with its seed baseline against seed 0 itself,
+  where every value must be 1); all without TensorFlow (conftest.py)."""
   out = tmp_path_factory.mktemp('ladder')
   logs = {'run': _finish(_start(_command(
       'experiments.ladder', 'run', '--out', str(out), '--references', '--options', 'smoke',
@@ -55,7 +55,7 @@ def ladder_dir(tmp_path_factory, no_tensorflow_env):
   analyses = {command: _start(_command('experiments.analyze', command, '--out', str(out),
                                        '--reference', ','.join(REFERENCES),
                                        *(('--num', '500') if command == 'bias' else
-                                         ('--baseline-seed', '0'))),
+                                         ('--baseline-seed', '0', '--examples', '1000'))),
                               no_tensorflow_env)
               for command in ('cka', 'bias')}
   logs.update({command: _finish(proc) for command, proc in analyses.items()})
@@ -69,9 +69,9 @@ def test_cka_outputs(ladder_dir):
                'cka_within_convnext_t.png', 'cka_steps.png', 'cka_along_ladder.png'):
     assert (analysis / name).stat().st_size > 1000, name
   result = json.loads((analysis / 'cka.json').read_text())
-  assert result['steps'] == list(STEPS) and result['num_examples'] == 10000
+  assert result['steps'] == list(STEPS) and result['num_examples'] == 1000   # --examples 1000
   assert result['reference'] == {'resnet50': None, 'convnext_t': 'resnet50'}
-  assert result['num_batches'] == 40   # 10,000 test images in batches of 256, the last one short
+  assert result['num_batches'] == 4   # 1,000 test images in batches of 256, the last one short
   for step, matrix in result['within'].items():
     m = np.array(matrix)
     assert m.shape == (5, 5) and np.allclose(np.diag(m), 1, atol=1e-4)
