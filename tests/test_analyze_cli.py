@@ -313,3 +313,21 @@ def test_ladder_run_references_rows_view_rerun_and_loading(ladder_dir):
       table, saved['params']['layers']['2']['blocks']['0']['attn']
       ['relative_position_bias_table']['value'])
   assert model(np.zeros((2, 32, 32, 1), np.float32)).shape == (2, 10)
+  # Every weight and BatchNorm statistic of a loaded ResNet-50 is its checkpoint's.
+  workdir = os.path.join(out, 'runs', 'resnet50', 'seed0')
+  model, _ = load_trained_model(workdir)
+  _, saved = load_numpy(os.path.join(workdir, 'checkpoints'))
+  for kind, name in ((nnx.Param, 'params'), (nnx.BatchStat, 'batch_stats')):
+    loaded, stored = _flat(nnx.state(model, kind).to_pure_dict()), _flat(saved[name])
+    assert sorted(loaded) == sorted(stored) and len(loaded) > 10, name
+    for key, value in loaded.items():
+      np.testing.assert_array_equal(value, stored[key], err_msg=f'{name} {key}')
+
+
+def _flat(tree, prefix=()):
+  """{path: array} of a nested dict (a checkpoint's {'value': array} leaves unwrapped)."""
+  if not isinstance(tree, dict):
+    return {prefix: np.asarray(tree)}
+  if set(tree) == {'value'}:
+    return {prefix: np.asarray(tree['value'])}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, prefix + (str(key),)).items()}
