@@ -318,7 +318,7 @@ def test_ladder_run_references_rows_view_rerun_and_loading(ladder_dir):
   model, _ = load_trained_model(workdir)
   _, saved = load_numpy(os.path.join(workdir, 'checkpoints'))
   for kind, name in ((nnx.Param, 'params'), (nnx.BatchStat, 'batch_stats')):
-    loaded, stored = _flat(nnx.state(model, kind).to_pure_dict()), _flat(saved[name])
+    loaded, stored = _flat(nnx.to_pure_dict(nnx.state(model, kind))), _flat(saved[name])
     assert sorted(loaded) == sorted(stored) and len(loaded) > 10, name
     for key, value in loaded.items():
       np.testing.assert_array_equal(value, stored[key], err_msg=f'{name} {key}')
