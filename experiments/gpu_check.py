@@ -74,9 +74,9 @@ JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'
 # modernize.depthwise), each timed beside timm. 'default' is what this backend picks by itself.
 VARIANTS = {
     'default': {},
-    'shift': {'MODERNIZE_DEPTHWISE_IMPL': 'shift'},        # the shifted multiply-add depthwise
-    'cpu-paths': {'MODERNIZE_FAST_PATHS': 'cpu',           # the CPU fast paths (BN/LN/max-pool
-                  'MODERNIZE_DEPTHWISE_IMPL': 'xla'},      # VJPs, erf GELU, conv plans), not 'native'
+    'shift': {'MODERNIZE_DEPTHWISE_IMPL': 'shift'},   # the shifted multiply-add depthwise
+    # the CPU fast paths (BN/LN/max-pool VJPs, erf GELU, conv plans), not the 'native' depthwise
+    'cpu-paths': {'MODERNIZE_FAST_PATHS': 'cpu', 'MODERNIZE_DEPTHWISE_IMPL': 'xla'},
 }
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin',
             'jax-cuda12-pjrt', 'flax', 'optax', 'orbax-checkpoint', 'ml_collections', 'numpy',
@@ -116,7 +116,7 @@ def _sizes(dry_run: bool) -> dict:
     return {'a': {'steps': 'ends', 'options': 'smoke', 'updates': 3, 'batch': 32, 'procs': 2,
                   'threads': 1, 'image_size': 32},
             'b': {'steps': ['convnext_t'], 'dtypes': ['float32', 'bfloat16'], 'size': 32,
-                  'batch': 2, 'rounds': 1, 'round_seconds': 0.05, 'device': 'cpu'},
+                  'batch': 2, 'rounds': 1, 'round_seconds': 0.05, 'device': 'cpu', 'matmul_n': 256},
             'c': {'shapes': [(2, 8, 8, 96, 7, 1), (2, 4, 4, 192, 7, 1), (2, 2, 2, 384, 7, 1),
                              (2, 1, 1, 768, 7, 1)], 'impls': ['xla', 'shift', 'native'],
                   'repeats': 3, 'budget_s': 0.2},
@@ -443,7 +443,7 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
   start = time.time()
   mm = bench.Worker('jax', args, JAX_ENV)
   try:
-    matmul = max(mm.call('matmul')['gflops'])
+    matmul = max(mm.call('matmul', n=conf.get('matmul_n', 2048))['gflops'])
   except RuntimeError as e:
     matmul = float('nan')
     _log(f'FAILED stage b case matmul: {_one_line(str(e))}')

@@ -78,9 +78,9 @@ def fast_paths() -> bool:
 def resolve(op: str, impl: str, impls: tuple[str, ...], env_var: str, dtype,
             fast: Callable[[], str]) -> str:
   """The implementation of `op` that `impl` names here, for the ops with several (`modernize.conv`,
-  `modernize.depthwise`): an explicit one wins; 'auto' reads `$env_var`; still 'auto', `fast()` where
-  the CPU fast paths are taken and `dtype` is float32 (the non-XLA implementations are float32-only),
-  else 'xla'."""
+  `modernize.depthwise`): an explicit one wins; 'auto' reads `$env_var`; still 'auto', `fast()`
+  where the CPU fast paths are taken and `dtype` is float32 (the non-XLA implementations are
+  float32-only), else 'xla'."""
   if impl not in impls:
     raise ValueError(f'{op}: impl must be one of {impls}, got {impl!r}')
   if impl == 'auto':

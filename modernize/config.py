@@ -44,7 +44,7 @@ class FlagsConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]):
-    """Builds a config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
+    """A config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
