@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--warmup', type=int, default=5)
   parser.add_argument('--workers', type=int, default=None,
-                      help='batch-building threads (default: one per core; 0 = synchronous)')
+                      help='batch-building threads (default: one per core, at most 8; '
+                           '0 = synchronous)')
   parser.add_argument('--prefetch', type=int, default=2)
   parser.add_argument('--large', action='store_true',
                       help="the presets for large images (random-resized crop), as gpu_check's "

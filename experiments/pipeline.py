@@ -404,8 +404,8 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
   augment, validation[, num_examples]): `start_step=s` yields exactly what an unbroken iterator
   yields from step s on. validation: training examples held out (never trained on). num_examples:
   train on the first num_examples of the (remaining) split only (smoke runs); None = all.
-  num_workers: batch-building threads (None: one per core; 0: synchronous); prefetch: batches
-  computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised here).
+  num_workers: batch-building threads (None: `default_workers()`; 0: synchronous); prefetch:
+  batches computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised here).
   """
   info = datasets.info(name, data_dir)
   transform = _make_transform(info, image_size, channels, None, augment)
