@@ -405,7 +405,8 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
   yields from step s on. validation: training examples held out (never trained on). num_examples:
   train on the first num_examples of the (remaining) split only (smoke runs); None = all.
   num_workers: batch-building threads (None: `default_workers()`; 0: synchronous); prefetch:
-  batches computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised here).
+  batches computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised
+  here).
   """
   info = datasets.info(name, data_dir)
   transform = _make_transform(info, image_size, channels, None, augment)
