@@ -261,10 +261,11 @@ def load_trained_model(workdir: str, step: int | None = None):
       return jax.random.key(0)
     return jax.numpy.zeros(leaf.shape, leaf.dtype)
 
-  params, batch_stats = (
-      jax.tree_util.tree_map_with_path(
-          lambda path, _, name=name: jax.numpy.asarray(lookup(saved[name], path)), state)
-      for state, name in ((params, 'params'), (batch_stats, 'batch_stats')))
-  model = nnx.merge(graphdef, params, batch_stats, jax.tree.map(concrete, rest))
+  def restored(state, name):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: jax.numpy.asarray(lookup(saved[name], path)), state)
+
+  model = nnx.merge(graphdef, restored(params, 'params'), restored(batch_stats, 'batch_stats'),
+                    jax.tree.map(concrete, rest))
   model.eval()
   return model, config
