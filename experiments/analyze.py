@@ -405,9 +405,9 @@ def run_cka(out: str, runs: list[Run], *, batch_size: int = 256, max_dim: int = 
             examples: int | None = None) -> dict:
   """Minibatch CKA of every layer of every run against every other (with the transformer
   references' runs, if given) on the test split's first `examples` images (None: all); writes
-  cka.json and figures. `baseline_runs`: the same steps and
-  references trained with another seed, in the order of `runs + reference_runs`, for the seed
-  baseline (each one's CKA to its other seed)."""
+  cka.json and figures. `baseline_runs`: the same steps and references trained with another seed,
+  in the order of `runs + reference_runs`, for the seed baseline (each one's CKA to its other
+  seed)."""
   from modernize import analysis
 
   analysis_dir = os.path.join(out, 'analysis')
@@ -762,9 +762,6 @@ def main(argv: list[str] | None = None) -> int:
       p.add_argument('--num', type=_positive, default=2000, help='cue-conflict images')
       p.add_argument('--cue-seed', type=int, default=0, help='seed of the cue-conflict set')
   args = parser.parse_args(argv)
-  from experiments.train import enable_compilation_cache, quiet_libraries
-  quiet_libraries()   # orbax's notes on restoring checkpoints are noise here
-  enable_compilation_cache()   # each model's init and forward, across analyses and runs
   if not os.path.isdir(args.out):
     raise UsageError(f'--out {args.out!r} is not a directory')
   steps = [s.strip() for s in args.steps.split(',') if s.strip()]
@@ -776,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     baseline_steps = find_runs(args.out, [r.step for r in runs], args.baseline_seed)
     baseline_references = find_reference_runs(args.out, names, args.baseline_seed)
   _check_one_data_set(runs + baseline_steps, reference_runs + baseline_references)
+  from experiments.train import enable_compilation_cache, quiet_libraries
+  quiet_libraries()   # orbax's notes on restoring checkpoints are noise here
+  enable_compilation_cache()   # each model's forward, across analyses and runs
   if args.command == 'cka':
     if args.batch_size < 4:
       raise UsageError('--batch-size must be at least 4 for the unbiased CKA estimator')
