@@ -126,7 +126,8 @@ def _sizes(dry_run: bool) -> dict:
   return {'a': {'steps': 'adopted', 'options': 'miniature', 'updates': 300, 'batch': 128,
                 'procs': procs, 'threads': max(1, cpus // procs), 'image_size': 32},
           'b': {'steps': ['convnext_t', 'resnet50'], 'dtypes': ['bfloat16', 'float32'],
-                'size': 224, 'batch': 128, 'rounds': 2, 'round_seconds': 1.5, 'device': 'cuda'},
+                'size': 224, 'batch': 128, 'rounds': 2, 'round_seconds': 1.5, 'device': 'cuda',
+                'matmul_n': 2048},
           'c': {'shapes': [(128, 56, 56, 96, 7, 1), (128, 28, 28, 192, 7, 1),
                            (128, 14, 14, 384, 7, 1), (128, 7, 7, 768, 7, 1)],
                 'impls': ['xla', 'shift', 'native'], 'repeats': 20, 'budget_s': 1.0},
@@ -443,7 +444,7 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
   start = time.time()
   mm = bench.Worker('jax', args, JAX_ENV)
   try:
-    matmul = max(mm.call('matmul', n=conf.get('matmul_n', 2048))['gflops'])
+    matmul = max(mm.call('matmul', n=conf['matmul_n'])['gflops'])
   except RuntimeError as e:
     matmul = float('nan')
     _log(f'FAILED stage b case matmul: {_one_line(str(e))}')
@@ -451,7 +452,7 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
     mm.close()
   st['matmul_gflops'] = matmul
   cases = [(step, dtype, variant) for step in conf['steps'] for dtype in conf['dtypes']
-           for variant in conf.get('variants', ['default'])]
+           for variant in conf['variants']]
   size, batch = conf['size'], conf['batch']
 
   def case_name(step, dtype, variant):
