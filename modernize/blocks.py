@@ -31,9 +31,9 @@ def _maybe(module):
 
 def compute_dtype(cfg):
   """The modules' compute dtype (of a `NetConfig`, `SwinConfig` or `ViTConfig`): None for
-  'float32' (the promoted dtype of input and parameters,
-  as before mixed precision existed: float32, or float64 for float64 parameters), else the jnp
-  dtype (bfloat16). Parameters are created float32 either way."""
+  'float32' (the promoted dtype of input and parameters, as before mixed precision existed:
+  float32, or float64 for float64 parameters), else the jnp dtype (bfloat16). Parameters are
+  created float32 either way."""
   return None if cfg.dtype == 'float32' else jnp.dtype(cfg.dtype)
 
 
