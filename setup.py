@@ -22,11 +22,15 @@ EXTRAS = {
     'data': ['tensorflow-datasets>=4.9.10,<4.10', 'tensorflow-cpu>=2.21,<2.22'],
     # The ladder chart.
     'plot': ['matplotlib>=3.9,<4'],
+    # gs:// workdirs (checkpoints, metrics, config) through etils.epath.
+    'gcs': ['gcsfs>=2026.9'],
     # PyTorch references (parity tests, benchmarks) and weight conversion from torch checkpoints.
     'torch': ['torch==2.14.1', 'torchvision==0.29.1', 'timm>=1.0.31,<1.1'],
 }
-# pytest-xdist: `make test` runs the suite on two worker processes.
-EXTRAS['test'] = ['pytest>=8,<10', 'pytest-xdist>=3.6,<4'] + EXTRAS['data'] + EXTRAS['plot'] + EXTRAS['torch']
+# pytest-xdist: `make test` runs the suite on two worker processes; gcp-storage-emulator: a local
+# stand-in for Google Cloud Storage that gs:// runs are tested against.
+EXTRAS['test'] = (['pytest>=8,<10', 'pytest-xdist>=3.6,<4', 'gcp-storage-emulator>=2026.7']
+                  + EXTRAS['data'] + EXTRAS['plot'] + EXTRAS['torch'] + EXTRAS['gcs'])
 EXTRAS['all'] = EXTRAS['test']
 
 setup(

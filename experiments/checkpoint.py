@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
-import shutil
 import sys
 import warnings
 
@@ -86,8 +84,9 @@ def _sync(name: str) -> None:
 
 
 class Checkpoints:
-  def __init__(self, directory: str, *, keep: int = 2):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, keep: int = 2):
+    """`directory`: a local path or a gs:// URL (str or etils.epath.Path)."""
+    self.directory = outputs.location(directory)
     # Synchronous: an async save becomes a checkpoint only when orbax's background thread renames
     # it, steps later, and a kill before that loses a second interval. The handler is named up
     # front: only so does a fresh manager read a checkpoint's tree metadata.
@@ -99,7 +98,7 @@ class Checkpoints:
   def save(self, step: int, tree, metadata: dict | None = None) -> None:
     """Writes `tree` (arrays) and `metadata` (JSON values, kept in orbax's step metadata) as
     checkpoint `step`; returns once the checkpoint is committed."""
-    existed = os.path.isdir(os.path.join(self.directory, str(step)))
+    existed = (self.directory / str(step)).is_dir()
     try:
       with _quiet():
         self.manager.save(step, args=ocp.args.StandardSave(tree),
@@ -116,11 +115,12 @@ class Checkpoints:
   def _remove_partial(self, step: int, keep_whole: bool) -> None:
     """Removes what a failed save of `step` left (process 0), so no part of it is taken for a
     checkpoint; `keep_whole`: checkpoint `step` existed before this save and stays."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0:
       return
-    for name in os.listdir(self.directory):
+    for name in outputs.names(self.directory):
       if (name == str(step) and not keep_whole) or name.startswith(f'{step}{_TMP_SUFFIX}'):
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        with contextlib.suppress(OSError):
+          (self.directory / name).rmtree()
 
   def metadata(self, step: int) -> dict:
     """The `metadata` checkpoint `step` was saved with ({} for one saved without)."""
@@ -141,7 +141,7 @@ class Checkpoints:
     dtypes and shardings of `like` (arrays or ShapeDtypeStructs), what it was saved with, and one
     line per checkpoint set aside. (None, None, {}, notes) where no save was ever completed;
     CheckpointError where there are checkpoints and none reads back."""
-    aside = sorted(n for n in os.listdir(self.directory) if _TMP_SUFFIX in n)
+    aside = [n for n in outputs.names(self.directory) if _TMP_SUFFIX in n]
     notes = [f'checkpoint {n.split(".")[0]} in {self.directory} is an interrupted save '
              f'({n}); moved to {self.directory}.corrupt' for n in aside]
     failed, found = [], None
@@ -170,13 +170,13 @@ class Checkpoints:
     """Moves step directories to DIRECTORY.corrupt, out of orbax's sight (process 0 moves)."""
     _sync('checkpoints read')
     if jax.process_index() == 0:
-      target = self.directory + '.corrupt'
-      os.makedirs(target, exist_ok=True)
+      target = self.directory.parent / f'{self.directory.name}.corrupt'
+      target.mkdir(parents=True, exist_ok=True)
       for name in names:
-        destination = os.path.join(target, name)
-        if os.path.exists(destination):
-          shutil.rmtree(destination)
-        os.rename(os.path.join(self.directory, name), destination)
+        destination = target / name
+        if destination.exists():
+          destination.rmtree()
+        (self.directory / name).rename(destination)
     _sync('checkpoints set aside')
     self.manager.reload()
 
@@ -185,19 +185,19 @@ class Checkpoints:
     self.manager.close()
 
 
-def load_numpy(directory: str, step: int | None = None) -> tuple[int, dict]:
+def load_numpy(directory, step: int | None = None) -> tuple[int, dict]:
   """(step, state) of a run's checkpoint as nested dicts of numpy arrays, on any topology (e.g. a
-  checkpoint written by 8 devices or 2 hosts, read by one process). `step` None: the latest."""
-  import os
-
+  checkpoint written by 8 devices or 2 hosts, read by one process). `step` None: the latest.
+  `directory`: a local path or a gs:// URL."""
   import numpy as np
 
+  directory = outputs.location(directory)
   if step is None:
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    steps = [int(n) for n in outputs.names(directory) if n.isdigit()]
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     step = max(steps)
-  path = os.path.join(os.path.abspath(directory), str(step), 'default')   # orbax wants absolute
+  path = directory / str(step) / 'default'
   # orbax warns that the item directory has no step metadata of its own; that is expected here.
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)
@@ -216,9 +216,9 @@ def load_trained_model(workdir: str, step: int | None = None):
 
   Returns (model, config dict). Uses WORKDIR/config.json and WORKDIR/checkpoints (the latest step
   unless `step` is given); the number of classes and of input channels are read off the weights.
+  `workdir`: a local path or a gs:// URL.
   """
   import json
-  import os
 
   from flax import nnx
 
@@ -226,9 +226,9 @@ def load_trained_model(workdir: str, step: int | None = None):
   from modernize.config import NetConfig
   from modernize.network import build
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  _, saved = load_numpy(os.path.join(workdir, 'checkpoints'), step)
+  workdir = outputs.location(workdir)
+  config = json.loads((workdir / 'config.json').read_text())
+  _, saved = load_numpy(workdir / 'checkpoints', step)
   params, image_size = saved['params'], config['data']['image_size']
   # Classes and input channels may be 'from the data' (-1) in the config: read them off the weights.
   values = dict(config['model'])

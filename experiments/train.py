@@ -252,11 +252,14 @@ def _image_size_problem(config) -> str | None:
 
 def _output_problems(config, workdir: str) -> list[str]:
   """What would stop the run from writing its outputs (found before it trains; creates nothing)."""
-  problem = outputs.write_problem(workdir, directory=True)
+  problem = outputs.write_problem(workdir, directory=True, remote_ok=True)
   if problem:
     return [f'workdir {workdir} {problem}']
   problems = []
-  for name, directory in (('checkpoints', True), ('config.json', False), ('metrics.jsonl', False)):
+  # In a gs:// workdir the probe object written above stands for every file.
+  names = () if outputs.is_remote(workdir) else (
+      ('checkpoints', True), ('config.json', False), ('metrics.jsonl', False))
+  for name, directory in names:
     path = os.path.join(workdir, name)
     problem = outputs.write_problem(path, directory=directory)
     if problem:
@@ -437,14 +440,20 @@ def _git_commit() -> str:
     return ''
 
 
-def _workdir_id(workdir: str) -> tuple[int, int]:
+def _workdir_id(workdir: str) -> tuple[int, int] | None:
+  """The local `workdir`'s identity (device, inode); None for a gs:// one (an object store has no
+  directories to delete or replace)."""
+  if outputs.is_remote(workdir):
+    return None
   st = os.stat(workdir)
   return st.st_dev, st.st_ino
 
 
-def _check_same_workdir(workdir: str, expected: tuple[int, int]) -> None:
-  """UsageError if `workdir` was deleted or replaced during the run (orbax would quietly make a
-  new one, and the logs written so far would be lost with the old)."""
+def _check_same_workdir(workdir: str, expected: tuple[int, int] | None) -> None:
+  """UsageError if the local `workdir` was deleted or replaced during the run (orbax would quietly
+  make a new one, and the logs written so far would be lost with the old)."""
+  if expected is None:
+    return
   try:
     same = _workdir_id(workdir) == expected
   except OSError:
@@ -457,7 +466,7 @@ def _check_same_workdir(workdir: str, expected: tuple[int, int]) -> None:
 def _make_workdir(workdir: str) -> None:
   """Creates `workdir` (`validate` has already found that it can be written)."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    outputs.location(workdir).mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UsageError(f'workdir {workdir!r} cannot be created: {e.strerror}') from None
 
@@ -485,7 +494,7 @@ def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
   bad = ~np.isfinite(losses)
   if bad.any():
     first = int(np.argmax(bad))
-    where = os.path.join(workdir, 'checkpoints')
+    where = str(outputs.location(workdir) / 'checkpoints')
     kept = _last_saved_step(where)
     raise TrainingDiverged(
         f'loss became {losses[first]} at step {done - len(losses) + first + 1}; ' +
@@ -498,7 +507,7 @@ def _last_saved_step(directory: str) -> int | None:
   """The newest complete checkpoint in `directory` (a STEP directory: saves are synchronous, so
   none is left half-written when training goes on), or None."""
   try:
-    return max((int(n) for n in os.listdir(directory) if n.isdigit()), default=None)
+    return max((int(n) for n in outputs.names(directory) if n.isdigit()), default=None)
   except OSError:
     return None
 
@@ -621,7 +630,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step = jax.jit(make_eval_step(graphdef, constants, config.ema_decay > 0, spec),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
-  checkpoints = Checkpoints(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  checkpoints = Checkpoints(outputs.location(workdir) / 'checkpoints',
                             keep=config.keep_checkpoints)
   start_step = 0
   with watch.phase('restore_s'):
@@ -642,15 +651,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return logged.wall_s + time.time() - start_time
 
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=1, default=str)
-  metrics_file = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if is_main else None
+    (outputs.location(workdir) / 'config.json').write_text(
+        json.dumps(config.to_dict(), indent=1, default=str))
+  metrics_file = outputs.Log(outputs.location(workdir) / 'metrics.jsonl') if is_main else None
 
   def log(record):
     if metrics_file:
       try:
-        metrics_file.write(json.dumps(record) + '\n')
-        metrics_file.flush()
+        metrics_file.write(json.dumps(record))
       except OSError as e:
         problem = outputs.storage_problem(e)
         if problem is None:
@@ -783,7 +791,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
         'versions': _versions(), 'git_commit': commit, 'config_hash': config_hash(config),
-        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': os.path.abspath(workdir),
+        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': str(outputs.location(workdir)),
         'dtype': cfg.dtype,
         'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else ''})
   return result
@@ -822,7 +830,7 @@ def parse_flags(argv):
   # sys_argv: config_flags registers the --config.FIELD overrides it finds in these arguments.
   config_flags.DEFINE_config_file('config', None, 'configs/ladder.py:STEP[,options]',
                                   flag_values=flag_values, lock_config=True, sys_argv=argv)
-  flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and config',
+  flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and config: local or gs://',
                       flag_values=flag_values)
   flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host)',
                     flag_values=flag_values)

@@ -9,11 +9,15 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
+from etils import epath
+from flax import nnx
 
+import gcs_emulator
 from experiments import steptable
-from experiments.checkpoint import Checkpoints, load_numpy
+from experiments.checkpoint import Checkpoints, load_numpy, load_trained_model
 from test_train import flat, run_train
 
 # resnet50 (SGD, a small program) for 160 steps: checkpoints at 40, 80, 120 and 160, logs at 82 and
@@ -44,18 +48,18 @@ def _committed(workdir) -> list:
 
 
 def _metrics(workdir) -> dict:
-  """The logging records of metrics.jsonl by step (the last one of a step that was logged twice)."""
+  """The logging records of metrics.jsonl by step (the last one of a step that was logged twice);
+  `workdir` local or gs://."""
   records = {}
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:   # a line being written
-          continue
-        if 'img_per_s' in record:
-          records[record['step']] = record
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:   # a line being written
+        continue
+      if 'img_per_s' in record:
+        records[record['step']] = record
   return records
 
 
@@ -336,3 +340,78 @@ def test_a_workdir_deleted_during_the_run(tmp_path):
   res = subprocess.CompletedProcess(proc.args, proc.returncode, '', err)
   _one_line_exit_2(res, 'vanished', workdir)
   assert not os.path.exists(table)
+
+
+# --- a workdir on Google Cloud Storage ------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def gcs():
+  """The environment that points gs:// at a local stand-in for Cloud Storage holding an empty
+  bucket 'runs' (tests/gcs_emulator.py)."""
+  with gcs_emulator.running('runs') as url:
+    yield gcs_emulator.environment(url)
+
+
+def test_a_gs_workdir_is_preempted_resumed_and_loaded(tmp_path, unbroken, gcs, monkeypatch):
+  """A run whose workdir is gs://: checkpoints (orbax, through TensorStore's GCS driver), config
+  and metrics (etils.epath, through gcsfs) go to the bucket. Preempted after its first log (step
+  82, after checkpoints 40 and 80) and restarted, it ends with the unbroken local run's state, row
+  and logged metrics (the first process's log line kept); the analyses load its network from the
+  bucket."""
+  for name, value in gcs.items():
+    monkeypatch.setenv(name, value)
+  workdir, table = f'gs://runs/{tmp_path.name}/run', str(tmp_path / 'steps.csv')
+  proc = run_train(workdir, CONFIG, *ARGS, table=table, wait=False)
+  deadline = time.time() + 300
+  while not _metrics(workdir):
+    assert proc.poll() is None, f'the run ended (exit {proc.returncode}) before its first log'
+    assert time.time() < deadline, 'no log line appeared in the bucket'
+    time.sleep(0.05)
+  # Read while it trains, as an evaluator following a run would; the listing must not go stale.
+  step, _ = load_numpy(f'{workdir}/checkpoints')
+  assert step >= 80
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  assert not os.path.exists(table)   # the preempted run wrote no row
+  err = _resume(workdir, table)
+  assert f'resuming from checkpoint' in err and f'in {workdir}/checkpoints' in err, err[-2000:]
+  row = _assert_same_run(workdir, table, unbroken)
+  assert row['workdir'] == workdir
+  assert json.loads((epath.Path(workdir) / 'config.json').read_text())['seed'] == 0
+  ours, _ = load_trained_model(workdir)
+  reference, _ = load_trained_model(unbroken[0])
+  for a, b in zip(jax.tree.leaves(nnx.state(reference)), jax.tree.leaves(nnx.state(ours))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_gs_workdir_that_cannot_be_written_exits_2(tmp_path, gcs, monkeypatch):
+  """A bucket that does not exist: one line naming the workdir, exit 2, before any training."""
+  for name, value in gcs.items():
+    monkeypatch.setenv(name, value)
+  res = run_train('gs://no-such-bucket/run', CONFIG, table=str(tmp_path / 'steps.csv'),
+                  check=False)
+  _one_line_exit_2(res, 'workdir gs://no-such-bucket/run', 'cannot be written')
+  assert not os.path.exists(tmp_path / 'steps.csv')
+
+
+def test_an_uncommitted_gs_checkpoint_is_skipped(tmp_path, gcs, monkeypatch):
+  """On gs:// orbax writes a step in place and marks it whole with commit_success.txt last: a save
+  cut before that mark is not resumed from; the run resumes from the step before, saves the step
+  again and ends with the state the first run ended with."""
+  for name, value in gcs.items():
+    monkeypatch.setenv(name, value)
+  workdir, table = f'gs://runs/{tmp_path.name}/run', str(tmp_path / 'steps.csv')
+  args = ('--config.checkpoint_every_steps=4',)
+  run_train(workdir, CONFIG, *args, table=table)
+  step, first = load_numpy(f'{workdir}/checkpoints')
+  assert step == 8
+  (epath.Path(workdir) / 'checkpoints' / '8' / 'commit_success.txt').unlink()
+  res = run_train(workdir, CONFIG, *args, table=table)
+  assert f'resuming from checkpoint 4 in {workdir}/checkpoints' in res.stderr, res.stderr[-2000:]
+  step, again = load_numpy(f'{workdir}/checkpoints')
+  assert step == 8 and (epath.Path(workdir) / 'checkpoints' / '8' / 'commit_success.txt').exists()
+  a, b = flat(first), flat(again)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
