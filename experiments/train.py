@@ -251,7 +251,8 @@ def _image_size_problem(config) -> str | None:
 
 
 def _output_problems(config, workdir: str) -> list[str]:
-  """What would stop the run from writing its outputs (found before it trains; creates nothing)."""
+  """What would stop the run from writing its outputs, found before it trains: creates nothing
+  (in a gs:// workdir, one probe object, removed at once)."""
   problem = outputs.write_problem(workdir, directory=True, remote_ok=True)
   if problem:
     return [f'workdir {workdir} {problem}']

@@ -11,9 +11,9 @@ import pytest
 
 from experiments import steptable
 from modernize import LADDER
+from test_analyze_cli import FINAL_CHECKPOINT_ONLY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FINAL_CHECKPOINT_ONLY = ('--set', 'checkpoint_every_steps=100000')
 
 
 @pytest.fixture(scope='module')
