@@ -321,21 +321,26 @@ def create_state(config, cfg, tx, sharding=None):
 
   graphdef = nnx.split(nnx.eval_shape(make), nnx.Param, nnx.BatchStat, ...)[0]
 
-  def init():
-    _, params, batch_stats, constants = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
+  # The seed is an argument, not a constant of the compiled program, so that runs differing only
+  # in their seed share one compiled init (and its cache entry), as they share the train step.
+  def init(seed):
+    model = build(cfg, rngs=nnx.Rngs(params=jax.random.key(seed),
+                                     dropout=jax.random.key(seed + 1)),
+                  image_size=config.data.image_size)
+    _, params, batch_stats, constants = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     state = {'params': params, 'batch_stats': batch_stats, 'opt': tx.init(params),
              'step': jnp.zeros((), jnp.int32),
-             # The seed travels as data, not as a constant of the compiled step, so that runs
-             # differing only in their seed share one compiled program (and its cache entry).
-             'seed': jnp.asarray(config.seed, jnp.uint32)}
+             # The seed travels as data in the train step too.
+             'seed': seed}
     if config.ema_decay > 0:
       state['ema'] = jax.tree.map(jnp.copy, params)
     return constants, state
 
   # Runs once: XLA's backend optimisations would only make it compile slower (13 s -> 1.3 s).
-  compiled = jax.jit(init, out_shardings=sharding).lower().compile(
+  seed = jnp.asarray(config.seed, jnp.uint32)
+  compiled = jax.jit(init, out_shardings=sharding).lower(seed).compile(
       compiler_options={'xla_backend_optimization_level': 0})
-  constants, state = compiled()
+  constants, state = compiled(seed)
   return graphdef, constants, state
 
 
