@@ -207,7 +207,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = data
-  c.data.dir = ''                      # tfds sets: '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  # tfds sets: '' = $TFDS_DATA_DIR or ~/tensorflow_datasets; a local path or gs://.
+  c.data.dir = ''
   c.data.image_size = _number(options, 'image_size', int, 224 if large and not smoke else 32)
   # Model input channels: 0 = the data's own (folder:PATH: 1 if every image is grayscale, else 3).
   c.data.channels = 3 if large or data.startswith('cifar') else 0 if data.startswith('folder:') \

@@ -25,7 +25,9 @@ out of 'train' (see `split_indices`).
 Preparation is idempotent, atomic and safe under concurrency: `prepare` takes an exclusive file lock
 (DATA_DIR/.NAME.prepare.lock) and checks again under it, so processes (or hosts on a shared data dir)
 preparing at once all end well, one of them doing the work. A multi-host trainer also lets process 0
-prepare first and holds the others at a barrier (experiments.train).
+prepare first and holds the others at a barrier (experiments.train). A data dir on gs:// is read
+from, never prepared into (an object store has no file locks): copy a data set prepared elsewhere
+there; its ArrayRecord files are read through array_record's own GCS reader.
 
 Small data sets are held whole in memory as uint8 arrays (`load_arrays`); large ones and image
 folders are read by index as encoded images (`record_source`).
@@ -37,12 +39,15 @@ import contextlib
 import dataclasses
 import fcntl
 import gzip
+import io
 import os
 import re
 import sys
 import threading
 
 import numpy as np
+
+from experiments import outputs
 
 __all__ = [
     'DataInfo', 'DatasetUnavailable', 'DATASETS', 'FASHION_MNIST_FILES', 'default_data_dir',
@@ -449,7 +454,7 @@ def _builder(name: str, data_dir: str):
 
 
 def _is_prepared(builder) -> bool:
-  return os.path.exists(os.path.join(os.fspath(builder.data_path), 'dataset_info.json'))
+  return (outputs.location(builder.data_path) / 'dataset_info.json').exists()
 
 
 def _random_access_ok(builder) -> bool:
@@ -496,6 +501,11 @@ def _prepare_tfds_locked(name: str, data_dir: str, build) -> str:
   """Runs `build(builder)` unless `name` is already prepared, under the data set's lock, so that
   concurrent first-time preparations end with one complete copy and no error."""
   builder = _builder(name, data_dir)
+  if not _is_prepared(builder) and outputs.is_remote(data_dir):
+    raise DatasetUnavailable(
+        f'{name} is not prepared in {data_dir}: a bucket is read from, not prepared into; run '
+        f'`python -m experiments.datasets prepare {name} --data-dir DIR` and copy '
+        f'DIR/{name.split(":")[0]} to {data_dir} (e.g. gcloud storage cp -r)')
   if not _is_prepared(builder):
     with _exclusive(_prepare_lock(data_dir, name)):
       builder = _builder(name, data_dir)   # another process may have finished meanwhile
@@ -605,7 +615,7 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
   if split not in ('train', 'test'):
     raise ValueError(f'split must be train or test, not {split!r}')
   data_dir = default_data_dir(data_dir)
-  source = fashion_mnist_dir() if base == 'fashion_mnist' else os.path.abspath(data_dir)
+  source = fashion_mnist_dir() if base == 'fashion_mnist' else str(outputs.location(data_dir))
   key = (name, source, split)
   with _CACHE_LOCK:
     if key not in _ARRAYS:
@@ -619,11 +629,11 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
 def _load_tfds_arrays(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   path = prepare(name, data_dir)
   tfds_split = _tfds_split(name, split)
-  cache_dir = os.path.join(path, 'modernize_cache')
-  image_file = os.path.join(cache_dir, f'{tfds_split}-images.npy')
-  label_file = os.path.join(cache_dir, f'{tfds_split}-labels.npy')
-  if os.path.exists(image_file) and os.path.exists(label_file):
-    return np.load(image_file), np.load(label_file)
+  cache_dir = outputs.location(path) / 'modernize_cache'
+  image_file = cache_dir / f'{tfds_split}-images.npy'
+  label_file = cache_dir / f'{tfds_split}-labels.npy'
+  if image_file.exists() and label_file.exists():
+    return _load_npy(image_file), _load_npy(label_file)
   source = _builder(name, data_dir).as_data_source(split=tfds_split)
   examples = source.__getitems__(list(range(len(source))))
   images = np.stack([np.asarray(e['image'], np.uint8) for e in examples])
@@ -634,15 +644,26 @@ def _load_tfds_arrays(name: str, split: str, data_dir: str) -> tuple[np.ndarray,
   return images, labels
 
 
-def _save_cache(arrays: dict[str, np.ndarray]) -> None:
-  """Each array to its path, atomically (a reader sees the whole file or none)."""
+def _load_npy(path) -> np.ndarray:
+  with path.open('rb') as f:
+    return np.load(f)
+
+
+def _save_cache(arrays: dict) -> None:
+  """Each array to its path (an etils.epath.Path), atomically: a reader sees the whole file or
+  none (a local file is renamed into place; an object store's object appears whole)."""
   try:
     for path, array in arrays.items():
-      os.makedirs(os.path.dirname(path), exist_ok=True)
+      if outputs.is_remote(path):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        path.write_bytes(buffer.getvalue())
+        continue
+      path.parent.mkdir(parents=True, exist_ok=True)
       tmp = f'{path}.tmp{os.getpid()}.npy'
       np.save(tmp, array)
       os.replace(tmp, path)
-  except OSError:  # read-only data dir: no cache
+  except Exception:  # pylint: disable=broad-except   # read-only data dir or bucket: no cache
     pass
 
 
@@ -677,7 +698,7 @@ def record_source(name: str, data_dir: str | os.PathLike | None, split: str):
   if _is_folder(name):
     return _FileSource(_folder(name), split)
   data_dir = default_data_dir(data_dir)
-  key = (name, os.path.abspath(data_dir), split)
+  key = (name, str(outputs.location(data_dir)), split)
   with _CACHE_LOCK:
     if key not in _RECORD_SOURCES:
       _RECORD_SOURCES[key] = _RecordSource(name, data_dir, split)

@@ -298,8 +298,9 @@ def validate(config, workdir: str | None = None) -> None:
     datasets.validate_name(config.data.name)
   except ValueError as e:
     problems.append(f'data.name: {e}')
-  if config.data.dir and outputs.remote_problem(config.data.dir):
-    problems.append(f'data.dir {config.data.dir} {outputs.remote_problem(config.data.dir)}')
+  data_dir_problem = config.data.dir and outputs.remote_problem(config.data.dir, remote_ok=True)
+  if data_dir_problem:
+    problems.append(f'data.dir {config.data.dir} {data_dir_problem}')
   size_problem = _image_size_problem(config)
   if size_problem:
     problems.append(size_problem)
@@ -836,7 +837,8 @@ def parse_flags(argv):
   # sys_argv: config_flags registers the --config.FIELD overrides it finds in these arguments.
   config_flags.DEFINE_config_file('config', None, 'configs/ladder.py:STEP[,options]',
                                   flag_values=flag_values, lock_config=True, sys_argv=argv)
-  flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and config: local or gs://',
+  flags.DEFINE_string('workdir', None,
+                      'directory for checkpoints, metrics and config: local or gs://',
                       flag_values=flag_values)
   flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host)',
                     flag_values=flag_values)

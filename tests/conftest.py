@@ -127,3 +127,12 @@ def _train_step(model, x, y, *, evaluate=None, compiler_options=None):
 def train_step():
   """`_train_step`: the train-mode forward / backward scaffold shared by the model tests."""
   return _train_step
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """The environment that points gs:// at a local stand-in for Cloud Storage holding an empty
+  bucket 'runs' (tests/gcs_emulator.py); a test sets it with monkeypatch."""
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  with gcs_emulator.running('runs') as url:
+    yield gcs_emulator.environment(url)

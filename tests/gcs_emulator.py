@@ -3,7 +3,8 @@ in a thread of the test process, plus the response header it leaves out that Ten
 array storage) reads on every download: the object's generation.
 
 `environment(url)` is what a process needs to reach it: gcsfs (etils.epath's gs:// backend) through
-STORAGE_EMULATOR_HOST, TensorStore through TENSORSTORE_GCS_HTTP_URL. gcsfs's extended file system
+STORAGE_EMULATOR_HOST, TensorStore through TENSORSTORE_GCS_HTTP_URL, ArrayRecord's reader (tfds data
+sets) through CLOUD_STORAGE_EMULATOR_ENDPOINT. gcsfs's extended file system
 asks a control-plane API for the bucket's layout, which the emulator lacks; its plain one is used.
 """
 
@@ -50,4 +51,5 @@ def running(bucket: str):
 
 def environment(url: str) -> dict:
   return {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+          'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
           'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false', 'EPATH_USE_TF': 'false'}

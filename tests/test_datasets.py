@@ -6,6 +6,7 @@ image folders. Every data dir is under pytest's tmp_path; Debian's Fashion-MNIST
 import gzip
 import hashlib
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from experiments import datasets
 from experiments import pipeline
+from experiments import steptable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_FILES = [f for files in datasets.FASHION_MNIST_FILES.values() for f in files]
@@ -462,3 +464,37 @@ def _png_bytes(pixels):
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, 'PNG')
   return buffer.getvalue()
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'imagenette'])
+def test_a_prepared_data_set_is_read_from_a_bucket(tmp_path, gcs, monkeypatch, name):
+  """A tfds data set prepared locally (a synthetic copy in the real format) and copied to gs://
+  trains as the local copy does (the same row); a bucket without it ends in one line, exit 2.
+  cifar10 is loaded whole (its arrays cached beside it, in the bucket); imagenette is read by
+  index through ArrayRecord's own GCS reader."""
+  from etils import epath
+  from test_train import run_train
+  for key, value in gcs.items():
+    monkeypatch.setenv(key, value)
+  local = tmp_path / 'tfds'
+  prepared = datasets.make_fake_dataset(name, local, num_train=40, num_test=24)
+  bucket = f'gs://runs/{tmp_path.name}/tfds'
+  for path in pathlib.Path(prepared).rglob('*'):
+    if path.is_file():
+      (epath.Path(bucket) / path.relative_to(local)).write_bytes(path.read_bytes())
+  config = f'resnet50,smoke,data={name},image_size=32'
+  rows = {}
+  for where, data_dir in (('local', str(local)), ('bucket', bucket)):
+    table = str(tmp_path / f'{where}.csv')
+    run_train(str(tmp_path / where), config, f'--config.data.dir={data_dir}', table=table)
+    rows[where], = steptable.read_rows(table)
+  for column in ('steps', 'top1', 'top5', 'test_loss', 'train_loss', 'params', 'data'):
+    assert rows['bucket'][column] == rows['local'][column], column
+  if name == 'cifar10':
+    assert (epath.Path(bucket) / pathlib.Path(prepared).relative_to(local) / 'modernize_cache' /
+            'train-images.npy').exists()
+  res = run_train(str(tmp_path / 'none'), config, f'--config.data.dir=gs://runs/{tmp_path.name}/x',
+                  table=str(tmp_path / 'none.csv'), check=False)
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+  assert f'{name} is not prepared in gs://runs/{tmp_path.name}/x' in lines[0], lines[0]

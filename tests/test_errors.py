@@ -83,12 +83,13 @@ TRAIN_CASES = {
                              ['workdir {tmp}/file/run', 'not a directory']),
     'metrics_file_is_a_directory': ('convnext_t,smoke', [], _metrics_is_a_directory,
                                     ['{tmp}/run/metrics.jsonl', 'is a directory']),
-    # A workdir may be gs:// (tests/test_reliability.py), no other URL; the data and the step
-    # table must be local or mounted. Refused, rather than written to a local directory 's3:'.
+    # A workdir and a data dir may be gs:// (tests/test_reliability.py, tests/test_datasets.py),
+    # no other URL; the step table must be local or mounted. Refused, rather than written to a
+    # local directory 's3:'.
     'workdir_is_another_url': ('convnext_t,smoke', ['--workdir=s3://bucket/run'], None,
                                ['workdir s3://bucket/run', 'only object store supported is gs://']),
-    'data_dir_is_a_url': ('convnext_t,smoke', ['--config.data.dir=gs://bucket/data'], None,
-                          ['data.dir gs://bucket/data', 'remote URL']),
+    'data_dir_is_another_url': ('convnext_t,smoke', ['--config.data.dir=s3://bucket/data'], None,
+                                ['data.dir s3://bucket/data', 'only object store supported']),
     'table_is_a_url': ('convnext_t,smoke', ['--config.step_table=gs://bucket/steps.csv'], None,
                        ['gs://bucket/steps.csv', 'remote URL']),
 }

@@ -15,7 +15,6 @@ import pytest
 from etils import epath
 from flax import nnx
 
-import gcs_emulator
 from experiments import steptable
 from experiments.checkpoint import Checkpoints, load_numpy, load_trained_model
 from test_train import flat, run_train
@@ -343,14 +342,6 @@ def test_a_workdir_deleted_during_the_run(tmp_path):
 
 
 # --- a workdir on Google Cloud Storage ------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def gcs():
-  """The environment that points gs:// at a local stand-in for Cloud Storage holding an empty
-  bucket 'runs' (tests/gcs_emulator.py)."""
-  with gcs_emulator.running('runs') as url:
-    yield gcs_emulator.environment(url)
-
 
 def test_a_gs_workdir_is_preempted_resumed_and_loaded(tmp_path, unbroken, gcs, monkeypatch):
   """A run whose workdir is gs://: checkpoints (orbax, through TensorStore's GCS driver), config
