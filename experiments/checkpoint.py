@@ -27,6 +27,8 @@ from experiments.cli import UsageError
 
 # Orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when whole.
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# On gs:// orbax writes a step in place (no rename) and writes this file in it last, when whole.
+_COMMITTED = 'commit_success.txt'
 
 
 class CheckpointError(UsageError):
@@ -185,15 +187,23 @@ class Checkpoints:
     self.manager.close()
 
 
+def _complete(step_dir) -> bool:
+  """Whether `step_dir` is a whole checkpoint: a STEP directory (a local save is renamed to it
+  when whole), on gs:// also holding orbax's commit mark."""
+  if not step_dir.name.isdigit():
+    return False
+  return not outputs.is_remote(step_dir) or (step_dir / _COMMITTED).exists()
+
+
 def load_numpy(directory, step: int | None = None) -> tuple[int, dict]:
   """(step, state) of a run's checkpoint as nested dicts of numpy arrays, on any topology (e.g. a
-  checkpoint written by 8 devices or 2 hosts, read by one process). `step` None: the latest.
-  `directory`: a local path or a gs:// URL."""
+  checkpoint written by 8 devices or 2 hosts, read by one process). `step` None: the latest
+  complete one. `directory`: a local path or a gs:// URL."""
   import numpy as np
 
   directory = outputs.location(directory)
   if step is None:
-    steps = [int(n) for n in outputs.names(directory) if n.isdigit()]
+    steps = [int(n) for n in outputs.names(directory) if _complete(directory / n)]
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {directory}')
     step = max(steps)

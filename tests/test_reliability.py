@@ -388,8 +388,8 @@ def test_a_gs_workdir_that_cannot_be_written_exits_2(tmp_path, gcs, monkeypatch)
 
 def test_an_uncommitted_gs_checkpoint_is_skipped(tmp_path, gcs, monkeypatch):
   """On gs:// orbax writes a step in place and marks it whole with commit_success.txt last: a save
-  cut before that mark is not resumed from; the run resumes from the step before, saves the step
-  again and ends with the state the first run ended with."""
+  cut before that mark is neither loaded nor resumed from; the run resumes from the step before,
+  saves the step again and ends with the state the first run ended with."""
   for name, value in gcs.items():
     monkeypatch.setenv(name, value)
   workdir, table = f'gs://runs/{tmp_path.name}/run', str(tmp_path / 'steps.csv')
@@ -398,6 +398,7 @@ def test_an_uncommitted_gs_checkpoint_is_skipped(tmp_path, gcs, monkeypatch):
   step, first = load_numpy(f'{workdir}/checkpoints')
   assert step == 8
   (epath.Path(workdir) / 'checkpoints' / '8' / 'commit_success.txt').unlink()
+  assert load_numpy(f'{workdir}/checkpoints')[0] == 4   # the latest complete one
   res = run_train(workdir, CONFIG, *args, table=table)
   assert f'resuming from checkpoint 4 in {workdir}/checkpoints' in res.stderr, res.stderr[-2000:]
   step, again = load_numpy(f'{workdir}/checkpoints')
