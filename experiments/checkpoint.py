@@ -195,6 +195,12 @@ def _complete(step_dir) -> bool:
   return not outputs.is_remote(step_dir) or (step_dir / _COMMITTED).exists()
 
 
+def latest_step(directory) -> int | None:
+  """The newest complete checkpoint in `directory` (a local path or a gs:// URL), or None."""
+  directory = outputs.location(directory)
+  return max((int(n) for n in outputs.names(directory) if _complete(directory / n)), default=None)
+
+
 def load_numpy(directory, step: int | None = None) -> tuple[int, dict]:
   """(step, state) of a run's checkpoint as nested dicts of numpy arrays, on any topology (e.g. a
   checkpoint written by 8 devices or 2 hosts, read by one process). `step` None: the latest
@@ -203,10 +209,9 @@ def load_numpy(directory, step: int | None = None) -> tuple[int, dict]:
 
   directory = outputs.location(directory)
   if step is None:
-    steps = [int(n) for n in outputs.names(directory) if _complete(directory / n)]
-    if not steps:
+    step = latest_step(directory)
+    if step is None:
       raise FileNotFoundError(f'no checkpoint in {directory}')
-    step = max(steps)
   path = directory / str(step) / 'default'
   # orbax warns that the item directory has no step metadata of its own; that is expected here.
   verbosity = absl_logging.get_verbosity()

@@ -501,12 +501,12 @@ def _prepare_tfds_locked(name: str, data_dir: str, build) -> str:
   """Runs `build(builder)` unless `name` is already prepared, under the data set's lock, so that
   concurrent first-time preparations end with one complete copy and no error."""
   builder = _builder(name, data_dir)
-  if not _is_prepared(builder) and outputs.is_remote(data_dir):
-    raise DatasetUnavailable(
-        f'{name} is not prepared in {data_dir}: a bucket is read from, not prepared into; run '
-        f'`python -m experiments.datasets prepare {name} --data-dir DIR` and copy '
-        f'DIR/{name.split(":")[0]} to {data_dir} (e.g. gcloud storage cp -r)')
   if not _is_prepared(builder):
+    if outputs.is_remote(data_dir):
+      raise DatasetUnavailable(
+          f'{name} is not prepared in {data_dir}: a bucket is read from, not prepared into; run '
+          f'`python -m experiments.datasets prepare {name} --data-dir DIR` and copy '
+          f'DIR/{name.split(":")[0]} to {data_dir} (e.g. gcloud storage cp -r)')
     with _exclusive(_prepare_lock(data_dir, name)):
       builder = _builder(name, data_dir)   # another process may have finished meanwhile
       if not _is_prepared(builder):

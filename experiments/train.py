@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import datasets, mixing, outputs, pipeline, steptable
-from experiments.checkpoint import Checkpoints
+from experiments.checkpoint import Checkpoints, latest_step
 from experiments.cli import UsageError
 from experiments.malloc import keep_freed_memory
 from modernize import backend, presets
@@ -502,21 +502,15 @@ def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
   if bad.any():
     first = int(np.argmax(bad))
     where = str(outputs.location(workdir) / 'checkpoints')
-    kept = _last_saved_step(where)
+    try:
+      kept = latest_step(where)   # saves are synchronous: none is half-written while training
+    except OSError:
+      kept = None
     raise TrainingDiverged(
         f'loss became {losses[first]} at step {done - len(losses) + first + 1}; ' +
         (f'the last good checkpoint (step {kept}) is kept in {where}' if kept is not None else
          f'no checkpoint was saved before it, so {where} holds nothing to resume from'))
   return losses
-
-
-def _last_saved_step(directory: str) -> int | None:
-  """The newest complete checkpoint in `directory` (a STEP directory: saves are synchronous, so
-  none is left half-written when training goes on), or None."""
-  try:
-    return max((int(n) for n in outputs.names(directory) if n.isdigit()), default=None)
-  except OSError:
-    return None
 
 
 @dataclasses.dataclass
