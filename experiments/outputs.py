@@ -97,6 +97,20 @@ def location(path) -> epath.Path:
   return epath.Path(path if is_remote(path) else os.path.abspath(path))
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def recorded(path) -> str:
+  """`path` as result files record it: relative to the repository where it lies inside it (so that
+  a committed step table names no machine's directories), absolute elsewhere, a URL as it is."""
+  path = os.fspath(path)
+  if is_remote(path):
+    return path
+  path = os.path.abspath(path)
+  inside = os.path.commonpath([path, REPOSITORY]) == REPOSITORY
+  return os.path.relpath(path, REPOSITORY) if inside else path
+
+
 def names(directory) -> list[str]:
   """The names in `directory` (a local path or a URL); [] where it does not exist: an object
   store holds no empty directories, so one not yet written to is not there."""

@@ -792,7 +792,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
         'device_count': jax.device_count(), 'process_count': jax.process_count(),
         'versions': _versions(), 'git_commit': commit, 'config_hash': config_hash(config),
-        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': str(outputs.location(workdir)),
+        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': outputs.recorded(workdir),
         'dtype': cfg.dtype,
         'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else ''})
   return result
