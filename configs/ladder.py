@@ -288,4 +288,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 4 if smoke else 200
   c.keep_checkpoints = 2
   c.step_table = 'runs/steps.csv'      # relative to the working directory of the command
+  # A workdir belongs to the config it was started with: a later start under a config that
+  # computes something else is refused, unless this is true (the change is recorded in the row's
+  # config_changes). Not part of the run's identity (config hash).
+  c.resume_any = False
   return c

@@ -15,7 +15,8 @@ import sys
 import time
 
 from experiments import outputs, steptable
-from experiments.cli import UsageError
+from experiments import workdir as workdirs
+from experiments.cli import Stopped, UsageError
 from modernize import ladder as ladders
 from modernize import presets
 
@@ -74,16 +75,24 @@ def _format_duration(seconds: float) -> str:
       f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-def _train_in_process(step, seed, workdir, table, ladder_name, options, overrides):
+def _train_in_process(step, seed, workdir, table, ladder_name, options, overrides) -> dict | None:
+  """Trains one run in this process; returns its phase times, or None where it was not trained
+  here (another process holds its workdir, or the table already holds it)."""
   from experiments import train  # pylint: disable=import-outside-toplevel
   config, _ = train.parse_flags(
       ['train', f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
        f'--workdir={workdir}', f'--config.step_table={table}',
        *[f'--config.{o}' for o in overrides]])
   try:
-    return train.train_and_evaluate(config, workdir).get('times', {})
+    result = train.train_and_evaluate(config, workdir)
+  except workdirs.RunInUse:
+    return None
+  except (train.Interrupted, train.Preempted) as e:
+    raise Stopped(130 if isinstance(e, train.Interrupted) else 143,
+                  f'checkpoint of {step} seed {seed} saved at update {e}') from None
   except (train.TrainingDiverged, train.datasets.DatasetUnavailable) as e:
     raise UsageError(f'training {step} seed {seed} failed: {e}') from None
+  return None if result.get('already_recorded') else result.get('times', {})
 
 
 def _train_command(step, seed, workdir, table, ladder_name, options, overrides) -> list[str]:
@@ -117,19 +126,26 @@ class _Job:
       log.write(texts[0] + texts[1])
     return texts[0], texts[1]
 
-  def finish(self) -> dict:
-    """Waits; returns the trainer's phase times (UsageError naming the run if it failed)."""
+  def finish(self) -> dict | None:
+    """Waits; returns the trainer's phase times, or None where it did not train the run (another
+    process holds the workdir, or the table already holds the run). A run stopped by a signal:
+    `Stopped`; one that failed: UsageError naming it."""
     self.proc.wait()
     stdout, stderr = self._collect()
     step, seed = self.pair
+    last = ([l for l in stderr.strip().splitlines() if l.strip()][-1:] or ['(no message)'])[0]
+    if self.proc.returncode == workdirs.IN_USE_EXIT:
+      return None
+    if self.proc.returncode in (130, 143):   # Ctrl-C or SIGTERM reached it: it saved and stopped
+      raise Stopped(self.proc.returncode, f'{step} seed {seed} stopped; its log: '
+                    f'{self.workdir}/train.log')
     if self.proc.returncode != 0:
-      last = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ['(no message)']
       raise UsageError(f'training {step} seed {seed} failed (exit {self.proc.returncode}): '
-                       f'{last[0]} (log: {self.workdir}/train.log)')
-    try:   # the trainer's last stdout line is its result
+                       f'{last} (log: {self.workdir}/train.log)')
+    try:   # the trainer's last stdout line is its result (a line of words: already recorded)
       return json.loads(stdout.strip().splitlines()[-1]).get('times', {})
     except (ValueError, IndexError):
-      return {}
+      return None
 
   def stop(self) -> None:
     """SIGTERM: the trainer checkpoints and exits, so a rerun resumes it."""
@@ -154,15 +170,24 @@ def core_groups(jobs: int) -> list[set[int] | None]:
   return [set(cores[i::jobs]) for i in range(jobs)]
 
 
+# How often a ladder whose remaining runs are all being trained by another process looks again.
+WAIT_S = 2.0
+
+
 def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
         seeds: int = 1, side: bool = False, options: str = '', overrides: list[str] = (),
         isolate: bool = False, env: dict | None = None, jobs: int = 1,
         references: bool = False) -> int:
-  """Trains what is missing; returns the number of runs trained now (`references`: Swin-T and
-  ViT-S too, under the same options, after the ladder's steps). Runs train in this process
-  (one import, one compilation cache), or each in its own process with `isolate`, or `jobs` at a
-  time, each in its own process pinned to its share of the cores (on a few cores, two small runs
-  side by side train more images per second than one run on both)."""
+  """Trains what is missing; returns the number of runs trained by this process (`references`:
+  Swin-T and ViT-S too, under the same options, after the ladder's steps). Runs train in this
+  process (one import, one compilation cache), or each in its own process with `isolate`, or
+  `jobs` at a time, each in its own process pinned to its share of the cores (on a few cores, two
+  small runs side by side train more images per second than one run on both).
+
+  Several ladders may work on one OUT at once: a run is trained by the process that claims its
+  workdir (experiments/workdir.py); the others skip it, train what is unclaimed, and then wait
+  until the claimed runs are in the table (or their claim is dropped: a crashed process's run is
+  then trained here). Each (step, seed) gets one row."""
   if jobs < 1:
     raise UsageError(f'--jobs must be at least 1, got {jobs}')
   groups = core_groups(jobs)
@@ -171,73 +196,86 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   table = os.path.join(out, 'steps.csv')
   configs = {pair: _resolve(_config_arg(*pair, ladder_name, options), list(overrides))
              for pair in pairs}
-  todo = [p for p in pairs if _key(configs[p]) not in _done(table)]
+
+  def missing() -> list:
+    done = _done(table)
+    return [p for p in pairs if _key(configs[p]) not in done]
+
+  todo = missing()
   # Time left is estimated per epoch of training (the original recipe's runs are shorter).
   work = {p: configs[p].epochs for p in todo}
   print(f'ladder {ladder_name}: {len(pairs)} runs, {len(pairs) - len(todo)} already in {table}, '
         f'{len(todo)} to train' + (f', {jobs} at a time' if jobs > 1 else ''), flush=True)
-  start, done_work = time.time(), 0.0
+  start, done_work, started, trained = time.time(), 0.0, 0, 0
   times_file = os.path.join(out, 'run_times.jsonl')
 
   def record(pair, seconds, phases):
     # Where the run's time went; 'outside_s' is what the trainer did not see (process start and
     # imports in a process of its own, the runner's own work).
+    nonlocal done_work, trained
+    if phases is None:   # not trained here
+      return
     entry = {'step': pair[0], 'seed': pair[1], 'seconds': round(seconds, 1), **phases}
     if phases.get('total_s') is not None:
       entry['outside_s'] = round(seconds - phases['total_s'], 2)
     with open(times_file, 'a') as f:
       f.write(json.dumps(entry) + '\n')
+    done_work += work.get(pair, 0.0)
+    trained += 1
 
-  def announce(i, pair):
+  def announce(pair):
+    nonlocal started
+    started += 1
     eta = ''
     if done_work:
-      eta = (f', about {_format_duration((time.time() - start) / done_work * sum(work[p] for p in todo[i:]))}'
-             ' left')
-    print(f'[{i + 1}/{len(todo)}] {pair[0]} seed {pair[1]} (elapsed '
+      left = sum(work.get(p, 0.0) for p in missing()) - work.get(pair, 0.0)
+      eta = f', about {_format_duration((time.time() - start) / done_work * max(left, 0))} left'
+    print(f'[{started}/{len(todo)}] {pair[0]} seed {pair[1]} (elapsed '
           f'{_format_duration(time.time() - start)}{eta})', flush=True)
 
   def workdir(pair):
     return os.path.join(out, 'runs', pair[0], f'seed{pair[1]}')
 
-  if jobs == 1:
-    for i, pair in enumerate(todo):
-      announce(i, pair)
-      t0 = time.time()
-      if isolate:
+  running, free, waiting = [], list(groups), False
+  try:
+    while True:
+      for job, cores in [r for r in running if r[0].proc.poll() is not None]:
+        running.remove((job, cores))
+        free.append(cores)
+        record(job.pair, time.time() - job.start, job.finish())
+      busy = {job.pair for job, _ in running}
+      left = [p for p in missing() if p not in busy]
+      if not left and not running:
+        break
+      # The next unclaimed run; those another process trains now wait (their rows will come).
+      ready = [p for p in left if not workdirs.in_use(workdir(p))] if free else []
+      if ready:
+        pair, waiting = ready[0], False
+        announce(pair)
+        if jobs == 1 and not isolate:
+          t0 = time.time()
+          phases = _train_in_process(*pair, workdir(pair), table, ladder_name, options, overrides)
+          record(pair, time.time() - t0, phases)
+          continue
+        cores = free.pop(0)
         job = _Job(pair, _train_command(*pair, workdir(pair), table, ladder_name, options,
-                                        overrides), workdir(pair), env)
-        try:
-          phases = job.finish()
-        except KeyboardInterrupt:
-          job.stop()
-          raise
-      else:
-        phases = _train_in_process(*pair, workdir(pair), table, ladder_name, options, overrides)
-      record(pair, time.time() - t0, phases)
-      done_work += work[pair]
-  else:
-    running, free, queue = [], list(groups), list(enumerate(todo))
-    try:
-      while queue or running:
-        while queue and free:
-          i, pair = queue.pop(0)
-          announce(i, pair)
-          cores = free.pop(0)
-          job = _Job(pair, _train_command(*pair, workdir(pair), table, ladder_name, options,
-                                          overrides), workdir(pair), env, cores)
-          running.append((job, cores))
-        time.sleep(0.2)
-        for job, cores in [r for r in running if r[0].proc.poll() is not None]:
-          running.remove((job, cores))
-          free.append(cores)
-          record(job.pair, time.time() - job.start, job.finish())
-          done_work += work[job.pair]
-    except BaseException:
-      for job, _ in running:       # a failure or an interrupt stops the others resumably
-        job.stop()
-      raise
-  print(f'done: {len(todo)} runs in {_format_duration(time.time() - start)}', flush=True)
-  return len(todo)
+                                        overrides), workdir(pair), env, cores)
+        running.append((job, cores))
+        continue
+      if left and not running and not waiting:
+        print(f'waiting for {len(left)} run(s) another process is training: '
+              + ', '.join(f'{s} seed {n}' for s, n in left[:4]) + (' ...' if len(left) > 4 else ''),
+              flush=True)
+        waiting = True
+      time.sleep(0.2 if running else WAIT_S)
+  except BaseException:
+    for job, _ in running:       # a failure or an interrupt stops the others resumably
+      job.stop()
+    raise
+  others = len(todo) - trained
+  print(f'done: {trained} runs trained in {_format_duration(time.time() - start)}'
+        + (f', {others} by another process' if others > 0 else ''), flush=True)
+  return trained
 
 
 PLATEAU_STEPS = ('resnet50', 'enhanced_recipe', 'convnext_t')

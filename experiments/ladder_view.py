@@ -375,12 +375,30 @@ def chart(steps: list[dict], title: str, path: str, references: list[dict] = ())
   plt.close(fig)
 
 
+def check_one_row_per_run(table: str) -> None:
+  """TableError, one line naming the lines, where the table holds two rows of one run (its
+  config hash and seed: a seed counted twice) or two configs of one (step, seed) in one ladder (a
+  ladder shows one config per step: two budgets or recipes in one table would be pooled)."""
+  for row, lines in steptable.duplicates(table):
+    raise steptable.TableError(
+        f'step table {table} holds {len(lines)} rows of one run, {steptable.describe(row)} '
+        f'(lines {", ".join(map(str, lines))}): a run counts once; remove all but one')
+  def ladder_place(r):
+    return (*_group_key(r), r['step'], r['seed'])
+  for row, lines in steptable.duplicates(table, key=ladder_place):
+    raise steptable.TableError(
+        f'step table {table} holds {len(lines)} configs of {row["step"]} seed {row["seed"]} in '
+        f'one ladder (lines {", ".join(map(str, lines))}): a ladder shows one config per step; '
+        'give each config a table of its own (ladder compare A B sets two ladders side by side)')
+
+
 def show(out: str, table: str | None = None, note: str = '') -> list[str]:
   """Renders OUT/ladder.md, OUT/ladder.json and the chart(s); returns the files written. `note`
   (e.g. 'quick look, not at plateau') is printed under every title."""
   table = table or os.path.join(out, 'steps.csv')
   rows = steptable.read_rows(table)
   steptable.check_columns(table, rows, TABLE_COLUMNS, optional=('val_top1',))
+  check_one_row_per_run(table)
   if not rows:
     raise UsageError(f'no finished runs in {table}: train some first '
                      f'(python -m experiments.ladder run --out {out})')

@@ -6,6 +6,12 @@ and a reader never sees half a row. A table that cannot be read or written as on
 unwritable path, other columns, a row of another length, a cell that should be a number) raises
 `TableError`, one line naming the file.
 
+One row per run: a run is its config hash and seed (`run_key`). `append_row` refuses, under the
+lock, a row whose run the table already holds (`DuplicateRun`), or replaces that row where asked
+(`replace=True`: the table is rewritten in place under the lock, its previous content kept in
+PATH.bak until the new one is on disk). `duplicates` finds the rows that break the rule in a
+table written otherwise (by hand, by an older version).
+
 Older layouts: a table written before a column was added (`LAYOUTS`) stays readable (its rows read
 with the column's default, `DEFAULTS`: a table without `dtype` holds float32 runs) and takes new
 rows in its own layout as long as they hold the default there; a row that does not (a bfloat16 run)
@@ -27,19 +33,39 @@ COLUMNS = (
     'ladder', 'step', 'step_index', 'seed', 'data', 'image_size', 'scale', 'epochs', 'steps',
     'batch_size', 'params', 'gmacs', 'top1', 'top5', 'test_loss', 'train_loss', 'train_img_per_s',
     'wall_s', 'device_kind', 'device_count', 'process_count', 'versions', 'git_commit',
-    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss', 'dtype', 'cpu_cores')
+    'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss', 'dtype', 'cpu_cores',
+    'config_changes')
 
 # Columns added after tables were written (at the end, in this order), with the value every row of
 # an older table holds (None: unknown, recorded where the table has the column).
 # cpu_cores: the CPU cores the run's process could use, on CPU (XLA's threads: their number
 # changes float summation order, so a run's numbers depend on it).
-DEFAULTS = {'dtype': 'float32', 'cpu_cores': None}
+# config_changes: the config fields a run was continued under after it started with others
+# (`--config.resume_any=true`, experiments/workdir.py), 'FIELD,FIELD@UPDATE' per change; '' for
+# none, which every run of an older table is.
+DEFAULTS = {'dtype': 'float32', 'cpu_cores': None, 'config_changes': ''}
 # The layouts this version appends to: its own, then the older ones (the last columns missing).
 LAYOUTS = tuple(COLUMNS[:len(COLUMNS) - k] for k in range(len(DEFAULTS) + 1))
 
 
 class TableError(UsageError, ValueError):
   """A step table that is not one, or cannot be written: the message names the file."""
+
+
+class DuplicateRun(TableError):
+  """The table already holds a row of the run being added."""
+
+
+def run_key(row: dict) -> tuple[str, str] | None:
+  """What identifies a run in a table: (config hash, seed); None for a row without a hash."""
+  if not row.get('config_hash'):
+    return None
+  return row['config_hash'], str(row.get('seed', ''))
+
+
+def describe(row: dict) -> str:
+  """A run named for messages: step, seed and config hash."""
+  return f"{row.get('step', '?')} seed {row.get('seed', '?')} (config {row.get('config_hash')})"
 
 
 def _line(values: dict, columns: tuple[str, ...] = COLUMNS) -> str:
@@ -79,40 +105,81 @@ def check_writable(path: str, row: dict | None = None) -> None:
     raise TableError(f'step table {path} {problem}')
 
 
-def append_row(path: str, row: dict) -> None:
-  """Appends `row` (keys from COLUMNS) to the table at `path`, writing the header if new."""
+def append_row(path: str, row: dict, replace: bool = False) -> list[int]:
+  """Appends `row` (keys from COLUMNS) to the table at `path`, writing the header if new; returns
+  []. Where the table holds a row of the same run (`run_key`): `DuplicateRun` naming its line, or
+  with `replace` that row is replaced (the first, in place; any other of the run removed) and the
+  lines it held are returned."""
   unknown = set(row) - set(COLUMNS)
   if unknown:
     raise ValueError(f'unknown step-table columns {sorted(unknown)}')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
     if os.fstat(fd).st_size == 0:
-      text = HEADER + _line(row)
-    else:
-      columns, problem = _layout(path, row)
-      if problem:
-        raise TableError(f'step table {path} {problem}')
-      text = _line(row, columns)
-    size = os.fstat(fd).st_size
-    try:
-      os.write(fd, text.encode())
-      os.fsync(fd)
-    except OSError as e:   # e.g. a full disk: the table stays as it was, never with half a row
-      os.ftruncate(fd, size)
-      problem = outputs.storage_problem(e) or e.strerror or str(e)
-      raise TableError(f'step table {path} cannot be written ({problem}); it is unchanged') \
-          from None
+      _write(fd, path, HEADER + _line(row), 0)
+      return []
+    columns, problem = _layout(path, row)
+    if problem:
+      raise TableError(f'step table {path} {problem}')
+    key = run_key(row)
+    with open(path, newline='', encoding='utf-8', errors='replace') as f:
+      text = f.read()
+    lines = text.splitlines(keepends=True)   # a row is one line (no cell holds a line break)
+    same = [i for i, line in enumerate(lines) if i and line.strip() and
+            run_key(dict(zip(columns, next(csv.reader([line]))))) == key] if key else []
+    if not same:
+      _write(fd, path, _line(row, columns), os.fstat(fd).st_size)
+      return []
+    if not replace:
+      raise DuplicateRun(f'step table {path} already holds the row of {describe(row)} (line '
+                         f'{same[0] + 1}): a run counts once')
+    kept = [_line(row, columns) if i == same[0] else line for i, line in enumerate(lines)
+            if i == same[0] or i not in same]
+    _rewrite(fd, path, text, ''.join(kept))
+    return [i + 1 for i in same]
   finally:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
 
-def _records(path: str, reader) -> list[dict]:
-  """The rows below the header, each a dict; TableError at a row with another number of fields."""
+def _write(fd: int, path: str, text: str, size: int) -> None:
+  """Appends `text` at `size` (the end) with one write; on failure the table is cut back to
+  `size`, as it was, and TableError says why."""
+  try:
+    os.write(fd, text.encode())
+    os.fsync(fd)
+  except OSError as e:   # e.g. a full disk: the table stays as it was, never with half a row
+    os.ftruncate(fd, size)
+    problem = outputs.storage_problem(e) or e.strerror or str(e)
+    raise TableError(f'step table {path} cannot be written ({problem}); it is unchanged') \
+        from None
+
+
+def _rewrite(fd: int, path: str, old: str, new: str) -> None:
+  """Replaces the (locked) table's content `old` by `new` in place, so that writers waiting on the
+  lock keep appending to this file; PATH.bak holds `old` until `new` is on disk."""
+  backup = f'{path}.bak'
+  try:
+    outputs.write_atomic(backup, old)
+    os.ftruncate(fd, 0)
+    os.write(fd, new.encode())
+    os.fsync(fd)
+  except OSError as e:
+    os.ftruncate(fd, 0)
+    os.write(fd, old.encode())
+    problem = outputs.storage_problem(e) or e.strerror or str(e)
+    raise TableError(f'step table {path} cannot be rewritten ({problem}); it is unchanged') \
+        from None
+  os.remove(backup)
+
+
+def _records(path: str, reader) -> tuple[list[dict], list[int]]:
+  """The rows below the header, each a dict, and the line each ends on; TableError at a row with
+  another number of fields."""
   header = next(reader, None)
-  rows = []
+  rows, lines = [], []
   for fields in reader:
     if not fields:   # a blank line
       continue
@@ -124,15 +191,14 @@ def _records(path: str, reader) -> list[dict]:
       if column not in row:
         row[column] = '' if default is None else default
     rows.append(row)
-  return rows
+    lines.append(reader.line_num)
+  return rows, lines
 
 
-def read_rows(path: str) -> list[dict]:
-  """All rows of a step table (an empty list if there is none, or the file is empty; a column of
-  `DEFAULTS` that a table of an older layout lacks reads as its default); TableError
-  for a path that is not a CSV table (a directory, unreadable, not UTF-8 text, ragged rows)."""
+def _read(path: str) -> tuple[list[dict], list[int]]:
+  """`read_rows` and the line of each row."""
   if not os.path.exists(path):
-    return []
+    return [], []
   try:
     with open(path, newline='', encoding='utf-8') as f:
       fcntl.flock(f.fileno(), fcntl.LOCK_SH)
@@ -148,6 +214,33 @@ def read_rows(path: str) -> list[dict]:
     raise TableError(f'step table {path} is not a text (UTF-8) file') from None
   except csv.Error as e:
     raise TableError(f'step table {path} is not a CSV table ({e})') from None
+
+
+def read_rows(path: str) -> list[dict]:
+  """All rows of a step table (an empty list if there is none, or the file is empty; a column of
+  `DEFAULTS` that a table of an older layout lacks reads as its default); TableError
+  for a path that is not a CSV table (a directory, unreadable, not UTF-8 text, ragged rows)."""
+  return _read(path)[0]
+
+
+def runs_of(path: str, key: tuple[str, str]) -> list[tuple[dict, int]]:
+  """The rows of the run `key` (`run_key`) in the table at `path`, each with its line."""
+  rows, lines = _read(path)
+  return [(r, line) for r, line in zip(rows, lines) if run_key(r) == key]
+
+
+def duplicates(path: str, key=run_key) -> list[tuple[dict, list[int]]]:
+  """The groups of rows of the table at `path` that share `key(row)` (default `run_key`: rows of
+  one run; rows whose key is None are left out), each as (its first row, the lines of its rows)."""
+  rows, lines = _read(path)
+  by_key: dict[tuple, list[int]] = {}
+  first = {}
+  for row, line in zip(rows, lines):
+    k = key(row)
+    if k is not None:
+      by_key.setdefault(k, []).append(line)
+      first.setdefault(k, row)
+  return [(first[k], v) for k, v in by_key.items() if len(v) > 1]
 
 
 def _is_number(value: str, integer: bool = False) -> bool:

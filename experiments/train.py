@@ -15,6 +15,7 @@ the step table (default runs/steps.csv).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -37,6 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import datasets, mixing, outputs, pipeline, steptable
+from experiments import workdir as workdirs
 from experiments.checkpoint import Checkpoints, latest_step
 from experiments.cli import UsageError
 from experiments.malloc import keep_freed_memory
@@ -51,7 +53,11 @@ class TrainingDiverged(Exception):
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved."""
+  """SIGTERM arrived during training; a checkpoint was saved."""
+
+
+class Interrupted(Exception):
+  """Ctrl-C (SIGINT) arrived during training; a checkpoint was saved."""
 
 
 # --- durations ------------------------------------------------------------------------------------
@@ -208,7 +214,8 @@ def augment_config(config) -> pipeline.AugmentConfig:
 
 
 # Fields that do not change what a run computes: left out of its identity.
-_NOT_HASHED = ('step_table', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+_NOT_HASHED = ('step_table', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+               'resume_any')
 _NOT_HASHED_DATA = ('dir', 'threads')
 
 
@@ -219,9 +226,10 @@ _ADDED_FIELDS = {'accumulate_steps': 1, 'model.dtype': 'float32', 'model.use_grn
 
 
 def config_hash(config) -> str:
-  """Identity of what a run computes (the step table's `config_hash`). A field of `_ADDED_FIELDS`
-  at its default leaves the hash as it was before the field existed."""
-  values = config.to_dict()
+  """Identity of what a run computes (the step table's `config_hash`): of a config, or of the
+  dict a workdir's config.json holds. A field of `_ADDED_FIELDS` at its default leaves the hash as
+  it was before the field existed."""
+  values = copy.deepcopy(config if isinstance(config, dict) else config.to_dict())
   for key in _NOT_HASHED:
     values.pop(key, None)
   values['data'] = {k: v for k, v in values['data'].items() if k not in _NOT_HASHED_DATA}
@@ -587,19 +595,136 @@ def prepare_data(name: str, data_dir: str | None) -> None:
   datasets.prepare(name, data_dir)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+class _StopSignals:
+  """SIGTERM and SIGINT while training (a context manager): each asks the loop to save the update
+  in progress and stop (`stop`: Preempted or Interrupted). With several processes JAX's
+  distributed runtime owns SIGTERM (its preemption notifier, started by
+  jax.distributed.initialize) and tells every process the same update to save at, so that all of
+  them write the same checkpoint: `requested` asks it at every update; Ctrl-C is then left as it
+  is (KeyboardInterrupt)."""
+
+  def __init__(self, multihost: bool):
+    self.multihost, self.reason, self._previous = multihost, None, {}
+
+  def __enter__(self):
+    wanted = {} if self.multihost else {signal.SIGTERM: Preempted, signal.SIGINT: Interrupted}
+    for sig, reason in wanted.items():
+      self._previous[sig] = signal.signal(sig, lambda *_, r=reason: self._ask(r))
+    return self
+
+  def _ask(self, reason):
+    self.reason = self.reason or reason
+
+  def requested(self, done: int) -> bool:
+    if self.multihost and multihost_utils.reached_preemption_sync_point(done):
+      self._ask(Preempted)
+    return self.reason is not None
+
+  def stop(self, done: int):
+    raise self.reason(done)
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+
+
+def _evaluate(eval_step, state, batches) -> dict:
+  """Top-1, top-5, mean loss and count over a whole split (`batches`: device batches whose padding
+  is masked out, so exact on any device count)."""
+  totals = {'correct1': 0, 'correct5': 0, 'loss': 0.0, 'count': 0}
+  for batch in batches:
+    out = jax.device_get(eval_step(state, batch))
+    for k in totals:
+      totals[k] += out[k]
+  count = int(totals['count'])
+  return {'top1': 100.0 * totals['correct1'] / count, 'top5': 100.0 * totals['correct5'] / count,
+          'loss': float(totals['loss']) / count, 'count': count}
+
+
+def _table_row(config, workdir, cfg, result: dict, params: int, commit: str,
+               changes: str) -> dict:
+  """The run's row of the step table (steptable.COLUMNS; `steps` is its count of updates)."""
+  validation = config.data.validation
+  return {
+      'ladder': config.ladder, 'step': config.step, 'step_index': config.step_index,
+      'seed': config.seed, 'data': config.data.name, 'image_size': config.data.image_size,
+      'scale': config.scale.name, 'epochs': f'{config.epochs:g}', 'steps': result['updates'],
+      'batch_size': config.batch_size, 'params': params,
+      'gmacs': f'{count_macs(cfg, config.data.image_size) / 1e9:.6f}',
+      'top1': f'{result["top1"]:.4f}', 'top5': f'{result["top5"]:.4f}',
+      'test_loss': f'{result["test_loss"]:.6f}', 'train_loss': f'{result["train_loss"]:.6f}',
+      'validation': validation,
+      'val_top1': f'{result["val_top1"]:.4f}' if validation else '',
+      'val_loss': f'{result["val_loss"]:.6f}' if validation else '',
+      'train_img_per_s': f'{result["train_img_per_s"]:.2f}',
+      'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(), 'process_count': jax.process_count(),
+      'versions': _versions(), 'git_commit': commit, 'config_hash': config_hash(config),
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': outputs.recorded(workdir),
+      'dtype': cfg.dtype,
+      'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else '',
+      'config_changes': changes}
+
+
+def _recorded(config, workdir: str, force: bool) -> dict | None:
+  """Where the step table already holds this run (its config hash and seed): from this workdir,
+  a result saying so (nothing to do) unless `force`; from another workdir, UsageError (a second
+  row would count one run twice) unless `force`. None: train (and, with `force`, replace the
+  run's row)."""
+  if force or jax.process_count() > 1:   # several processes: the table's lock refuses a second row
+    return None
+  rows = steptable.runs_of(config.step_table, (config_hash(config), str(config.seed)))
+  if not rows:
+    return None
+  row, line = rows[0]
+  if outputs.recorded(row['workdir']) != outputs.recorded(workdir):
+    raise UsageError(
+        f'step table {config.step_table} already holds {steptable.describe(row)} (line {line}), '
+        f'trained in workdir {row["workdir"]}: a second row would count one run twice; use that '
+        'workdir, another --config.step_table, or --force to replace that row')
+  return {'already_recorded': True, 'table': config.step_table, 'line': line,
+          'top1': float(row['top1']), 'seed': config.seed}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       force: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics and
-  appends the run's row to the step table."""
+  appends the run's row to the step table. A run the table already holds is not trained or
+  recorded again (the result says `already_recorded`) unless `force`: then it is evaluated again
+  from its last checkpoint (trained, where it has none) and its row replaced. Another process
+  training in `workdir` now: `workdir.RunInUse`; `workdir` holding a run of another config:
+  UsageError (unless config.resume_any)."""
   start_time = time.time()
-  watch = Stopwatch()
   commit = _git_commit()   # the code this process runs, not the checkout's HEAD when it ends
   validate(config, workdir)
   augment = augment_config(config)
   net_config(config, num_classes=1)   # bad flags fail here, before any data is touched
   _make_workdir(workdir)
+  claim = workdirs.claim(workdir, enabled=jax.process_count() == 1)   # RunInUse: not ours now
+  try:
+    recorded = _recorded(config, workdir, force)
+    if recorded:
+      return recorded
+    changes = workdirs.bind_config(
+        workdir, config.to_dict(), config_hash, write=jax.process_index() == 0,
+        ignored=_NOT_HASHED + tuple(f'data.{k}' for k in _NOT_HASHED_DATA),
+        resume_any=config.get('resume_any', False),
+        update=latest_step(str(outputs.location(workdir) / 'checkpoints')))
+    return _train(config, workdir, augment, start_time, commit, changes, force)
+  finally:
+    if claim:
+      claim.release()
+
+
+def _train(config, workdir: str, augment, start_time: float, commit: str, changes: str,
+           force: bool) -> dict:
+  """`train_and_evaluate` once the workdir is this process's: set-up, restore, the loop, the
+  evaluation, the row."""
+  watch = Stopwatch()
   workdir_id = _workdir_id(workdir)
   is_main = jax.process_index() == 0
 
+  # Set-up: the data, the network, the mesh, the compiled steps.
   data_dir = config.data.dir or None
   with watch.phase('data_s'):
     prepare_data(config.data.name, data_dir)   # DatasetUnavailable: one line on how to get it
@@ -631,14 +756,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step = jax.jit(make_eval_step(graphdef, constants, config.ema_decay > 0, spec),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
+  # Restore: the newest checkpoint that reads back, with its logging state.
   checkpoints = Checkpoints(outputs.location(workdir) / 'checkpoints',
                             keep=config.keep_checkpoints)
-  start_step = 0
+  start = 0
   with watch.phase('restore_s'):
     # CheckpointError (one line, exit 2) where there are checkpoints and none reads back.
     latest, saved, carried, notes = checkpoints.restore_latest(state)
   if latest is not None:
-    state, start_step = saved, int(saved['step'])
+    state, start = saved, int(saved['step'])
   logged = LogState.from_dict(carried.get('log', {}))   # older checkpoints carry none
   if is_main:
     for note in notes:
@@ -646,14 +772,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if latest is not None:
       print(f'resuming from checkpoint {latest} in {checkpoints.directory}', file=sys.stderr)
     elif notes:
-      print('no complete checkpoint: starting from step 0', file=sys.stderr)
+      print('no complete checkpoint: starting from update 0', file=sys.stderr)
 
   def wall_s() -> float:   # earlier processes' up to their last checkpoint, and this one's
     return logged.wall_s + time.time() - start_time
 
-  if is_main:
-    (outputs.location(workdir) / 'config.json').write_text(
-        json.dumps(config.to_dict(), indent=1, default=str))
   metrics_file = outputs.Log(outputs.location(workdir) / 'metrics.jsonl') if is_main else None
 
   def log(record):
@@ -666,75 +789,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           raise
         raise UsageError(f'cannot write {metrics_file.name} ({problem})') from None
 
+  # The loop: one update per batch; a host sync only to log or save.
   total = schedule.total_steps
   data_start = time.perf_counter()
   batches = _on_device(pipeline.train_batches(
       config.data.name, data_dir=data_dir, batch_size=local_batch,
       image_size=config.data.image_size, channels=channels, seed=config.seed,
-      start_step=start_step, process_index=jax.process_index(),
+      start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=augment,
       num_examples=config.data.train_examples or None, validation=validation,
       num_workers=data_workers(config)), batch_sharding)
   watch.add('data_s', time.perf_counter() - data_start)
 
-  # Preemption. One process: SIGTERM sets a flag, and the step in progress is saved. Several:
-  # JAX's distributed runtime owns SIGTERM (its preemption notifier, started by
-  # jax.distributed.initialize) and tells every process the same step to save at, so that all of
-  # them write the same checkpoint; the trainer then asks it at every step.
-  preempted = []
-  multihost = jax.process_count() > 1
-  previous_handler = None if multihost else signal.signal(
-      signal.SIGTERM, lambda *_: preempted.append(True))
-  progress = _Progress(total, start_step, f'{config.step} seed {config.seed}', is_main)
-  pending = []   # device losses of the steps since the last host sync
+  progress = _Progress(total, start, f'{config.step} seed {config.seed}', is_main)
+  pending = []   # device losses of the updates since the last host sync
   # A window's speed leaves out the compilation and the checkpoint saves in it.
-  window_start, window_steps, window_excluded_s = time.perf_counter(), 0, 0.0
+  window_start, window_updates, window_excluded_s = time.perf_counter(), 0, 0.0
   loop_start, compile_s, checkpoint_s = time.perf_counter(), 0.0, 0.0
   try:
-    for step in range(start_step, total):
-      batch = next(batches)
-      if step == start_step:   # tracing and compiling (or loading from the cache) happen here
+    with _StopSignals(jax.process_count() > 1) as signals:
+      for update in range(start, total):
+        batch = next(batches)
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)
-        compile_s = time.perf_counter() - t0
-        window_excluded_s += compile_s
-      else:
-        state, metrics = train_step(state, batch)
-      pending.append(metrics['loss'])
-      window_steps += 1
-      progress.update()
-      done = step + 1
-      if multihost and multihost_utils.reached_preemption_sync_point(done):
-        preempted.append(True)
-      log_now = done % config.log_every_steps == 0 or done == total
-      save_now = done % config.checkpoint_every_steps == 0 or done == total or preempted
-      if log_now or save_now:
-        # The only host sync between logs; never log or save a state that diverged.
-        logged.add_losses(_finite_losses(pending, done, workdir))
-        pending = []
-      if log_now:
-        elapsed = max(time.perf_counter() - window_start - window_excluded_s, 0.0)
-        loss = logged.close_window()
-        logged.timed_steps += window_steps
-        logged.timed_s += elapsed
-        img_s = window_steps * config.batch_size / max(elapsed, 1e-9)
-        record = {'step': done, 'epoch': done / schedule.steps_per_epoch, 'train_loss': loss,
-                  'lr': float(metrics['lr']), 'img_per_s': img_s, 'wall_s': wall_s()}
-        log(record)
-        progress.show(loss=f'{loss:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_s:.0f}')
-        window_start, window_steps, window_excluded_s = time.perf_counter(), 0, 0.0
-      if save_now:
-        t0 = time.perf_counter()
-        carried = dataclasses.asdict(dataclasses.replace(logged, wall_s=wall_s()))
-        _check_same_workdir(workdir, workdir_id)
-        checkpoints.save(done, state, {'log': carried})   # returns once committed
-        window_excluded_s += time.perf_counter() - t0
-        checkpoint_s += time.perf_counter() - t0
-        if preempted:
-          raise Preempted()
+        if update == start:   # tracing and compiling (or loading from the cache) happened here
+          compile_s = time.perf_counter() - t0
+          window_excluded_s += compile_s
+        pending.append(metrics['loss'])
+        window_updates += 1
+        progress.update()
+        done = update + 1
+        stopping = signals.requested(done)
+        log_now = done % config.log_every_steps == 0 or done == total
+        save_now = done % config.checkpoint_every_steps == 0 or done == total or stopping
+        if log_now or save_now:
+          # The only host sync between logs; never log or save a state that diverged.
+          logged.add_losses(_finite_losses(pending, done, workdir))
+          pending = []
+        if log_now:
+          elapsed = max(time.perf_counter() - window_start - window_excluded_s, 0.0)
+          loss = logged.close_window()
+          logged.timed_steps += window_updates
+          logged.timed_s += elapsed
+          img_s = window_updates * config.batch_size / max(elapsed, 1e-9)
+          record = {'updates': done, 'epoch': done / schedule.steps_per_epoch,
+                    'train_loss': loss, 'lr': float(metrics['lr']), 'img_per_s': img_s,
+                    'wall_s': wall_s()}
+          log(record)
+          progress.show(loss=f'{loss:.4f}', lr=f'{record["lr"]:.2e}', img_s=f'{img_s:.0f}')
+          window_start, window_updates, window_excluded_s = time.perf_counter(), 0, 0.0
+        if save_now:
+          t0 = time.perf_counter()
+          carried = dataclasses.asdict(dataclasses.replace(logged, wall_s=wall_s()))
+          _check_same_workdir(workdir, workdir_id)
+          checkpoints.save(done, state, {'log': carried})   # returns once committed
+          window_excluded_s += time.perf_counter() - t0
+          checkpoint_s += time.perf_counter() - t0
+          if stopping:
+            signals.stop(done)
   finally:
-    if not multihost:
-      signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     t0 = time.perf_counter()
     checkpoints.close()
@@ -743,58 +856,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     watch.add('checkpoint_s', checkpoint_s)
     watch.add('train_s', time.perf_counter() - loop_start - compile_s - checkpoint_s)
 
-  # Eval over whole splits, exact on any device count (padding is masked out).
-  def evaluate(split: str) -> dict:
-    totals = {'correct1': 0, 'correct5': 0, 'loss': 0.0, 'count': 0}
-    for batch in _on_device(pipeline.eval_batches(
+  # Evaluate: whole splits.
+  def split_batches(split: str):
+    return _on_device(pipeline.eval_batches(
         config.data.name, data_dir=data_dir, batch_size=local_batch,
         image_size=config.data.image_size, channels=channels,
         process_index=jax.process_index(), process_count=jax.process_count(), split=split,
         validation=validation, num_examples=config.data.test_examples or None,
-        num_workers=data_workers(config)), batch_sharding):
-      out = jax.device_get(eval_step(state, batch))
-      for k in totals:
-        totals[k] += out[k]
-    count = int(totals['count'])
-    return {'top1': 100.0 * totals['correct1'] / count, 'top5': 100.0 * totals['correct5'] / count,
-            'loss': float(totals['loss']) / count, 'count': count}
+        num_workers=data_workers(config)), batch_sharding)
 
   eval_start = time.perf_counter()
-  test = evaluate('test')
-  result = {'step': total, 'top1': test['top1'], 'top5': test['top5'], 'test_loss': test['loss'],
-            'test_examples': test['count'], 'train_loss': logged.last_loss,
+  test = _evaluate(eval_step, state, split_batches('test'))
+  result = {'updates': total, 'top1': test['top1'], 'top5': test['top5'],
+            'test_loss': test['loss'], 'test_examples': test['count'],
+            'train_loss': logged.last_loss,
             'train_img_per_s': logged.img_per_s(config.batch_size)}
   if validation:
-    val = evaluate('validation')
+    val = _evaluate(eval_step, state, split_batches('validation'))
     result.update({'val_top1': val['top1'], 'val_top5': val['top5'], 'val_loss': val['loss'],
                    'val_examples': val['count']})
   watch.add('eval_s', time.perf_counter() - eval_start)
   result['wall_s'] = wall_s()
   result['times'] = watch.summary()
-  log({k: v for k, v in result.items()})
+  log(result)
   if metrics_file:
     metrics_file.close()
 
+  # Record: the run's one row.
   if is_main:
-    steptable.append_row(config.step_table, {
-        'ladder': config.ladder, 'step': config.step, 'step_index': config.step_index,
-        'seed': config.seed, 'data': config.data.name, 'image_size': config.data.image_size,
-        'scale': config.scale.name, 'epochs': f'{config.epochs:g}', 'steps': total,
-        'batch_size': config.batch_size, 'params': count_params(nnx.merge(
-            graphdef, state['params'], state['batch_stats'], constants)),
-        'gmacs': f'{count_macs(cfg, config.data.image_size) / 1e9:.6f}',
-        'top1': f'{result["top1"]:.4f}', 'top5': f'{result["top5"]:.4f}',
-        'test_loss': f'{result["test_loss"]:.6f}', 'train_loss': f'{logged.last_loss:.6f}',
-        'validation': validation,
-        'val_top1': f'{result["val_top1"]:.4f}' if validation else '',
-        'val_loss': f'{result["val_loss"]:.6f}' if validation else '',
-        'train_img_per_s': f'{result["train_img_per_s"]:.2f}',
-        'wall_s': f'{result["wall_s"]:.1f}', 'device_kind': jax.devices()[0].device_kind,
-        'device_count': jax.device_count(), 'process_count': jax.process_count(),
-        'versions': _versions(), 'git_commit': commit, 'config_hash': config_hash(config),
-        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': outputs.recorded(workdir),
-        'dtype': cfg.dtype,
-        'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else ''})
+    params = count_params(nnx.merge(graphdef, state['params'], state['batch_stats'], constants))
+    row = _table_row(config, workdir, cfg, result, params, commit, changes)
+    replaced = steptable.append_row(config.step_table, row, replace=force)
+    if replaced:
+      result['replaced_lines'] = replaced
   return result
 
 
@@ -834,6 +928,10 @@ def parse_flags(argv):
   flags.DEFINE_string('workdir', None,
                       'directory for checkpoints, metrics and config: local or gs://',
                       flag_values=flag_values)
+  flags.DEFINE_bool('force', False,
+                    'a run the step table already holds: evaluate it again from its last '
+                    'checkpoint (train it where it has none) and replace its row',
+                    flag_values=flag_values)
   flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host)',
                     flag_values=flag_values)
   flags.DEFINE_string('coordinator', None, 'host:port of process 0 (when not auto-detected)',
@@ -876,15 +974,36 @@ def main(argv=None) -> int:
         kwargs = dict(coordinator_address=flag_values.coordinator,
                       num_processes=flag_values.num_processes, process_id=flag_values.process_id)
       jax.distributed.initialize(**kwargs)
-    result = train_and_evaluate(config, flag_values.workdir)
+    result = train_and_evaluate(config, flag_values.workdir, force=flag_values.force)
   except (*EXPECTED, datasets.DatasetUnavailable, TrainingDiverged) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  except Preempted:
-    print('preempted: checkpoint saved; run the same command again to resume', file=sys.stderr)
+  except workdirs.RunInUse as e:
+    print(f'error: {e}', file=sys.stderr)
+    return workdirs.IN_USE_EXIT
+  except Preempted as e:
+    print(f'preempted: checkpoint saved at update {e}; run the same command again to resume',
+          file=sys.stderr)
     return 143
-  if jax.process_index() == 0:
-    print(json.dumps({'step': config.step, 'seed': config.seed, **result}))
+  except Interrupted as e:
+    print(f'interrupted: checkpoint saved at update {e}; run the same command again to resume',
+          file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:
+    print('interrupted (before or after training: nothing new saved); run the same command '
+          'again to resume', file=sys.stderr)
+    return 130
+  if jax.process_index() != 0:
+    return 0
+  if result.get('already_recorded'):
+    print(f'{config.step} seed {config.seed} is already in the step table {result["table"]} '
+          f'(line {result["line"]}, top-1 {result["top1"]:.2f}): nothing to do (--force '
+          'evaluates it again and replaces that row)')
+    return 0
+  if result.get('replaced_lines'):
+    print(f'replaced line(s) {result["replaced_lines"]} of {config.step_table} with this run\'s '
+          'new row', file=sys.stderr)
+  print(json.dumps({'step': config.step, 'seed': config.seed, **result}))
   return 0
 
 

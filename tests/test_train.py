@@ -241,6 +241,23 @@ def test_sigterm_saves_and_resumes(tmp_path, unbroken):
   _assert_equals_unbroken(workdir, unbroken[1], str(tmp_path / 'steps.csv'))
 
 
+def test_ctrl_c_saves_and_resumes_bitwise(tmp_path, unbroken):
+  """Ctrl-C (SIGINT): the update in progress is saved, one line, exit 130, no traceback; the same
+  command ends where an unbroken run does, with the same row."""
+  workdir = str(tmp_path / 'run')
+  code, err = _interrupt_after_checkpoint(workdir, 8, signal.SIGINT)
+  assert code == 130, err[-2000:]
+  assert len(err.strip().splitlines()) == 1, err
+  assert err.startswith('interrupted: checkpoint saved at update ')
+  assert 'Traceback' not in err and 'run the same command again to resume' in err
+  step, _ = final_params(workdir)
+  assert 8 <= step < 64 and f'saved at update {step};' in err
+  assert not os.path.exists(tmp_path / 'steps.csv')
+  res = run_train(workdir, 'gelu,smoke', *LONGER)
+  assert f'resuming from checkpoint {step}' in res.stderr, res.stderr[-2000:]
+  _assert_equals_unbroken(workdir, unbroken[1], str(tmp_path / 'steps.csv'))
+
+
 @pytest.mark.parametrize('arg, overrides, message', [
     ('convnext_q,smoke', [], 'convnext_q'),                                   # unknown step
     ('convnext_t,smoke', ['--config.optimiser.base_lr=1'], 'optimiser'),       # unknown key
