@@ -258,7 +258,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ema_decay = 0.0                    # 0 = off (the ladder's protocol); 0.9999 in Table 5
 
   # Duration: the paper's epochs times `length`. All schedules are defined in epochs and turned
-  # into steps in one place (experiments.train.Schedule).
+  # into steps in one place (experiments.training.recipe.Schedule).
   default_length = 1.0 if large else 0.01
   c.length = _number(options, 'length', float, default_length)
   c.epochs = recipe['epochs'] * c.length

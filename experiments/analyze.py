@@ -204,7 +204,7 @@ def load_models(runs: list[Run]) -> list:
   """(graphdef, state) of every run's trained network, in eval mode."""
   from flax import nnx
 
-  from experiments.checkpoint import load_trained_model
+  from experiments.training.checkpoint import load_trained_model
 
   models = []
   for run in _progress(runs, desc='load', unit='model'):
@@ -286,7 +286,7 @@ def split_batches(runs: list[Run], batch_size: int,
                   num_examples: int | None = None) -> Iterator[tuple]:
   """(images per data key, labels, mask) over the test split (its first `num_examples`, or all),
   one pipeline per input key."""
-  from experiments import pipeline
+  from experiments.data import pipeline
 
   keys = sorted({r.data_key for r in runs})
   iterators = [pipeline.eval_batches(name, data_dir=data_dir or None, batch_size=batch_size,
@@ -303,8 +303,8 @@ def split_batches(runs: list[Run], batch_size: int,
 def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:
   """uint8 images of a small data set -> model inputs, as the test pipeline's eval transform does
   (resize to image_size, RGB -> luma for 1-channel models, normalise, replicate channels)."""
-  from experiments import augment as aug
-  from experiments import datasets
+  from experiments.data import augment as aug
+  from experiments.data import datasets
 
   name, data_dir, size, channels = data_key
   spec = datasets.info(name, data_dir or None)
@@ -323,7 +323,7 @@ def preprocess(images: np.ndarray, data_key: tuple) -> np.ndarray:
 
 
 def _num_test(runs: list[Run], num_examples: int | None = None) -> int:
-  from experiments import datasets
+  from experiments.data import datasets
 
   name, data_dir, _, _ = runs[0].data_key
   num_test = datasets.info(name, data_dir or None).num_test
@@ -613,7 +613,7 @@ def run_bias(out: str, runs: list[Run], *, batch_size: int = 256, num: int = 200
              cue_seed: int = 0, reference_runs: list[Run] = ()) -> dict:
   """Shape bias on a cue-conflict set and pairwise error consistency on the test set, of the
   ladder's runs and the transformer references' runs, if given."""
-  from experiments import datasets
+  from experiments.data import datasets
   from modernize import analysis
 
   analysis_dir = os.path.join(out, 'analysis')
@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline_steps = find_runs(args.out, [r.step for r in runs], args.baseline_seed)
     baseline_references = find_reference_runs(args.out, names, args.baseline_seed)
   _check_one_data_set(runs + baseline_steps, reference_runs + baseline_references)
-  from experiments.train import enable_compilation_cache, quiet_libraries
+  from experiments.runtime import enable_compilation_cache, quiet_libraries
   quiet_libraries()   # orbax's notes on restoring checkpoints are noise here
   enable_compilation_cache()   # each model's forward, across analyses and runs
   if args.command == 'cka':

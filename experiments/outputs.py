@@ -111,6 +111,14 @@ def recorded(path) -> str:
   return os.path.relpath(path, REPOSITORY) if inside else path
 
 
+def from_record(path: str) -> str:
+  """A path as a result file recorded it (`recorded`), as a path to open: a relative one lies in
+  the repository."""
+  if is_remote(path) or os.path.isabs(path):
+    return path
+  return os.path.join(REPOSITORY, path)
+
+
 def names(directory) -> list[str]:
   """The names in `directory` (a local path or a URL); [] where it does not exist: an object
   store holds no empty directories, so one not yet written to is not there."""

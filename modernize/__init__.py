@@ -22,11 +22,17 @@ from modernize.config import ConfigError, NetConfig, feature_size, min_image_siz
 from modernize.depthwise import DepthwiseConv, depthwise_conv2d
 from modernize.flops import count_macs
 from modernize.ladder import LADDER, LADDER_200, Ladder, Step, get_ladder
-from modernize.layers import (BatchNorm, DropPath, GlobalResponseNorm, LayerNorm, LayerScale,
-                              RelPosSelfAttention)
+from modernize.layers import (
+  BatchNorm,
+  DropPath,
+  GlobalResponseNorm,
+  LayerNorm,
+  LayerScale,
+  RelPosSelfAttention,
+)
 from modernize.network import Network, count_params, create_model, stage_blocks
 from modernize.presets import PRESETS, REFERENCES, preset
-from modernize.transformers import SwinConfig, SwinTransformer, ViTConfig, VisionTransformer
+from modernize.transformers import SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
 
 
 def from_torch_state_dict(state_dict, arch: str, **kwargs):

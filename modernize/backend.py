@@ -2,7 +2,7 @@
 
 The CPU fast paths (hand-written BatchNorm / LayerNorm / max-pool VJPs, the erf GELU, the per-shape
 dense-conv plans of `modernize.conv`, the native depthwise kernel of `modernize.depthwise`, and the
-trainer's glibc malloc tuning in `experiments/malloc.py`) were written for and measured on XLA:CPU.
+trainer's glibc malloc tuning in `experiments/runtime.py`) were written for and measured on XLA:CPU.
 On GPUs and TPUs XLA's standard ops run instead (autodiff of the plain formulas, `reduce_window`,
 `jax.nn.gelu(approximate=False)`, XLA's convs) until a measurement on an accelerator shows a fast
 path faster there.

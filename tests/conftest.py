@@ -52,7 +52,7 @@ def hermetic(tmp_path, monkeypatch):
 def fashion(monkeypatch):
   """Debian's Fashion-MNIST directory (package dataset-fashion-mnist): the suite's one outside
   input, selected explicitly."""
-  from experiments import datasets
+  from experiments.data import datasets
   source = datasets.FASHION_MNIST_DEBIAN_DIR
   if not all(os.path.exists(os.path.join(source, f))
              for files in datasets.FASHION_MNIST_FILES.values() for f in files):
@@ -75,7 +75,7 @@ def no_tensorflow_env(tmp_path_factory):
   """The environment of a subprocess in which TensorFlow and tensorflow-datasets are unimportable
   (as on an accelerator image that ships neither), with a home of its own; Fashion-MNIST then
   comes from the Debian files."""
-  from experiments import datasets
+  from experiments.data import datasets
   try:
     datasets.fashion_mnist_dir()
   except datasets.DatasetUnavailable as e:

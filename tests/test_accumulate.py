@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from configs.ladder import get_config
-from experiments import train
+from experiments.cli import UsageError
+from experiments.training import recipe, runconfig
+from experiments.training import state as train_state
 
 
 def _trainer(step: str, accumulate: int, optimizer: str = 'sgd'):
@@ -25,12 +27,12 @@ def _trainer(step: str, accumulate: int, optimizer: str = 'sgd'):
     config.optimizer.optimizer = optimizer
     config.model.drop_path_rate = 0.0
     config.augment.mix_prob = 0.0
-  cfg = train.net_config(config, num_classes=10, in_channels=1)
-  schedule = train.Schedule(steps_per_epoch=100, epochs=1.0, paper_epochs=300.0)
-  lr = train.learning_rate(config, schedule)
-  tx = train.optimizer(config, lr)
-  graphdef, constants, state = train.create_state(config, cfg, tx)
-  return jax.jit(train.make_train_step(config, graphdef, constants, tx, lr, 10)), state
+  cfg = runconfig.net_config(config, num_classes=10, in_channels=1)
+  schedule = recipe.Schedule(steps_per_epoch=100, epochs=1.0, paper_epochs=300.0)
+  lr = recipe.learning_rate(config, schedule)
+  tx = recipe.optimizer(config, lr)
+  graphdef, constants, state = train_state.create_state(config, cfg, tx)
+  return jax.jit(train_state.make_train_step(config, graphdef, constants, tx, lr, 10)), state
 
 
 def _two_updates(trainer, batch):
@@ -79,5 +81,5 @@ def test_accumulate_steps_must_divide_the_batch():
   for bad, message in ((3, 'accumulate_steps=3'), (0, 'at least 1')):
     with config.unlocked():
       config.accumulate_steps = bad
-    with pytest.raises(train.UsageError, match=message):
-      train.validate(config)
+    with pytest.raises(UsageError, match=message):
+      runconfig.validate(config)

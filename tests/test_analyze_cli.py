@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from configs.ladder import get_config
-from experiments import analyze, steptable, train
-from experiments.checkpoint import load_numpy, load_trained_model
-from modernize.transformers import ViTConfig, VisionTransformer
+from experiments import analyze
+from experiments.training import runconfig, steptable
+from experiments.training.checkpoint import load_numpy, load_trained_model
+from modernize.transformers import VisionTransformer, ViTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('resnet50', 'convnext_t')
@@ -254,7 +255,7 @@ def test_references_skip_side_branches():
 
 
 def test_preprocess_matches_the_test_pipeline():
-  from experiments import datasets, pipeline
+  from experiments.data import datasets, pipeline
   images, _ = datasets.load_arrays('fashion_mnist', 'test')
   for size, channels in ((32, 1), (28, 3)):
     batch = next(iter(pipeline.eval_batches('fashion_mnist', batch_size=64, image_size=size,
@@ -286,7 +287,7 @@ def test_ladder_run_references_rows_view_rerun_and_loading(ladder_dir):
   assert sorted(rows) == sorted(STEPS + REFERENCES)
   for name in ('swin_t', 'vit_s'):
     config = get_config(f'{name},ladder=resnet50,seed=0,smoke')
-    assert rows[name]['config_hash'] == train.config_hash(config)
+    assert rows[name]['config_hash'] == runconfig.config_hash(config)
     assert rows[name]['step_index'] == '-1' and rows[name]['scale'] == 'tiny'
     assert float(rows[name]['gmacs']) > 0 and int(rows[name]['params']) > 0
   md = open(os.path.join(out, 'ladder.md')).read()

@@ -1,4 +1,4 @@
-"""Unit tests of experiments/augment.py: the stateless RNG, each op, the crops, RandAugment, erasing.
+"""Unit tests of experiments/data/augment.py: the stateless RNG, each op, the crops, RandAugment, erasing.
 
 numpy (and PIL as a reference) only: no TensorFlow, fast.
 """
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from experiments import augment as A
+from experiments.data import augment as A
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(20, 230, (6, 20, 24, 3)).astype(np.uint8)

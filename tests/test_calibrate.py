@@ -5,8 +5,10 @@ import statistics
 
 import pytest
 
-from experiments import calibrate, ladder, steptable
+from experiments import ladder
 from experiments.cli import UsageError
+from experiments.ladder import calibrate
+from experiments.training import steptable
 
 
 def test_calibration_steps_are_the_first_and_last_of_each_recipe():

@@ -1,4 +1,4 @@
-"""Tests of experiments/datasets.py: Fashion-MNIST read from Debian's idx files, idx parsing, the
+"""Tests of experiments/data/datasets.py: Fashion-MNIST read from Debian's idx files, idx parsing, the
 validation hold-out, preparing tfds data sets (once, under a lock, also when processes race) and
 image folders. Every data dir is under pytest's tmp_path; Debian's Fashion-MNIST files (the
 `fashion` fixture) are the only outside input."""
@@ -16,9 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import datasets
-from experiments import pipeline
-from experiments import steptable
+from experiments.data import datasets, pipeline
+from experiments.training import steptable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_FILES = [f for files in datasets.FASHION_MNIST_FILES.values() for f in files]
@@ -263,7 +262,7 @@ def test_fake_dataset_is_prepared_once(tmp_path):
 # and starts when the parent creates the `go` file.
 _PREPARE_AT_ONCE = r'''
 import os, sys, time
-from experiments import datasets
+from experiments.data import datasets
 data_dir, ready, go = sys.argv[1:4]
 datasets.info('cifar10', ready + '.warm-up')
 datasets.configure_tensorflow()
@@ -460,6 +459,7 @@ def test_image_folder_problems_give_one_line_errors(tmp_path):
 
 def _png_bytes(pixels):
   import io
+
   from PIL import Image
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, 'PNG')

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs.ladder import get_config
-from experiments import steptable, train
+from experiments.training import loop, runconfig, steptable
 from modernize import LADDER, NetConfig, feature_size, min_image_size, presets
 from modernize.network import Network
 
@@ -187,13 +187,13 @@ def test_ladder_refuses_a_remote_out(command):
 def test_the_divergence_message_says_whether_a_checkpoint_is_kept(tmp_path):
   workdir = str(tmp_path)
   losses = [np.float32(2.3), np.float32('nan')]
-  with pytest.raises(train.TrainingDiverged, match='at step 6; no checkpoint was saved'):
-    train._finite_losses(losses, 6, workdir)
+  with pytest.raises(loop.TrainingDiverged, match='at step 6; no checkpoint was saved'):
+    loop._finite_losses(losses, 6, workdir)
   os.makedirs(tmp_path / 'checkpoints' / '4')
   os.makedirs(tmp_path / 'checkpoints' / '2')
   os.makedirs(tmp_path / 'checkpoints' / '5.orbax-checkpoint-tmp-123')   # not a checkpoint
-  with pytest.raises(train.TrainingDiverged, match=r'checkpoint \(step 4\) is kept'):
-    train._finite_losses(losses, 6, workdir)
+  with pytest.raises(loop.TrainingDiverged, match=r'checkpoint \(step 4\) is kept'):
+    loop._finite_losses(losses, 6, workdir)
 
 
 # --- the smallest image size ---------------------------------------------------------------------
@@ -222,7 +222,7 @@ EXPECTED_MIN = {'resnet': 1, 'patchify': 4, 'separate': 32}
 def test_min_image_size_matches_the_network(step, monkeypatch):
   # XLA's own convs: the CPU matmul form refuses a negative output size instead of giving 0.
   monkeypatch.setenv('MODERNIZE_CONV_IMPL', 'xla')
-  cfg = train.net_config(get_config(f'{step},scale=tiny'), num_classes=10, in_channels=1)
+  cfg = runconfig.net_config(get_config(f'{step},scale=tiny'), num_classes=10, in_channels=1)
   cfg = cfg.replace(depthwise_impl='xla')
   smallest = min_image_size(cfg)
   kind = 'separate' if cfg.downsampling == 'separate' else cfg.stem

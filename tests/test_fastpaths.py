@@ -33,11 +33,10 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from experiments import augment as A
-from modernize import backend
+from experiments.data import augment as A
+from modernize import backend, layers
 from modernize import conv as C
 from modernize import depthwise as dw_impl
-from modernize import layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,7 +338,7 @@ def test_window_crop_and_presize_are_bit_exact():
   np.testing.assert_array_equal(got, padded[np.arange(20)[:, None, None], rows[:, :, None],
                                             cols[:, None, :]])
 
-  from experiments import datasets, pipeline
+  from experiments.data import datasets, pipeline
   transform = pipeline._make_transform(datasets.info('fashion_mnist'), 32, 1, None,
                                        A.AugmentConfig.paper(False))
   presized = transform.train_arrays(transform.presize(images, chunk=7), keys)
@@ -350,7 +349,7 @@ def test_window_crop_and_presize_are_bit_exact():
 
 
 def test_keep_freed_memory_in_a_fresh_process():
-  code = ('from experiments.malloc import keep_freed_memory; import sys; '
+  code = ('from experiments.runtime import keep_freed_memory; import sys; '
           'sys.exit(0 if keep_freed_memory() else 3)')
   env = {**os.environ, 'PYTHONPATH': str(ROOT)}
   r = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, timeout=60)

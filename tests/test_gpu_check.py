@@ -1,4 +1,4 @@
-"""experiments.gpu_check: the GPU acceptance run's dry run on the CPU, its failure handling, its
+"""experiments.bench.gpu_check: the GPU acceptance run's dry run on the CPU, its failure handling, its
 budgets and its command-line errors. No speed is asserted."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args, env=None, timeout=600):
   env = {**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})}
-  return subprocess.run([sys.executable, '-m', 'experiments.gpu_check', *args],
+  return subprocess.run([sys.executable, '-m', 'experiments.bench.gpu_check', *args],
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 

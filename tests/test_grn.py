@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from modernize import (LADDER, ConfigError, GlobalResponseNorm, NetConfig, Network, count_params,
-                       create_model, preset)
+from modernize import (
+  LADDER,
+  ConfigError,
+  GlobalResponseNorm,
+  NetConfig,
+  Network,
+  count_params,
+  create_model,
+  preset,
+)
 
 FWD_TOL = 1e-4   # logits, float32, as tests/test_torch_parity.py
 
@@ -250,6 +258,7 @@ def test_convnextv2_tiny_state_dicts_round_trip():
   gives back the same tensors; the official-format dict converts to the same model."""
   import torch
   from timm.models.convnext import checkpoint_filter_fn
+
   from modernize.convert import from_torch_state_dict, to_torch_state_dict
   tm, model = _timm_v2(), _converted()
   ref = tm.state_dict()

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from experiments import ladder_run, ladder_view, steptable
+from experiments.ladder import run as ladder_run
+from experiments.ladder import view as ladder_view
+from experiments.training import steptable
 from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +126,7 @@ def test_a_failing_run_among_parallel_jobs_ends_the_ladder_in_one_line(tmp_path)
   assert res.stderr.startswith('error: training ') and res.stderr.count('\n') == 1, res.stderr
   assert not (out / 'steps.csv').exists()
   for step in ('resnet50', 'stage_ratio'):    # each run's output kept in its log, nothing else
-    assert sorted(os.listdir(out / 'runs' / step / 'seed0')) == ['train.log']
+    assert sorted(os.listdir(out / 'runs' / step / 'seed0')) == ['run.lock', 'train.log']
   res = subprocess.run(ladder_cmd('run', '--out', str(out), '--jobs', '0'), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 2 and res.stderr.startswith('error: --jobs')

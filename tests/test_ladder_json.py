@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from experiments import ladder_view, steptable
+from experiments.ladder import view as ladder_view
+from experiments.training import steptable
 from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

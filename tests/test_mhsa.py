@@ -11,8 +11,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from modernize import (LADDER, ConfigError, LadderBlock, NetConfig, Network, RelPosSelfAttention,
-                       count_macs, count_params, create_model, preset, stage_blocks)
+from modernize import (
+  LADDER,
+  ConfigError,
+  LadderBlock,
+  NetConfig,
+  Network,
+  RelPosSelfAttention,
+  count_macs,
+  count_params,
+  create_model,
+  preset,
+  stage_blocks,
+)
 from modernize.config import MHSA_HEAD_DIM
 
 
@@ -202,16 +213,16 @@ def test_mhsa_side_branch_config_and_hash():
   """The ladder's config for the side branch differs from convnext_t's in the flag only; a run
   without attention hashes as it did before the flag existed."""
   from configs import ladder as ladder_config
-  from experiments import train
+  from experiments.training import runconfig
   a = ladder_config.get_config('convnext_t,smoke').to_dict()
   b = ladder_config.get_config('mhsa_last_stage,smoke').to_dict()
   assert b['model'].pop('mhsa_last_stage') is True and a['model'].pop('mhsa_last_stage') is False
   assert a['model'] == b['model']
   config = ladder_config.get_config('convnext_t,smoke')
-  assert train.config_hash(config) == '8c07bdfd0723'     # tests/test_mixed_precision.py's
+  assert runconfig.config_hash(config) == '8c07bdfd0723'     # tests/test_mixed_precision.py's
   with config.unlocked():
     config.model.mhsa_last_stage = True
-  assert train.config_hash(config) != '8c07bdfd0723'
+  assert runconfig.config_hash(config) != '8c07bdfd0723'
 
 
 def test_mhsa_side_branch_trains_at_64px(train_step):
@@ -322,8 +333,9 @@ def test_mhsa_side_branch_through_the_trainer(tmp_path, fashion):
   import os
   import subprocess
   import sys
-  from experiments import steptable
-  from experiments.checkpoint import load_trained_model
+
+  from experiments.training import steptable
+  from experiments.training.checkpoint import load_trained_model
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir, table = tmp_path / 'run', tmp_path / 'steps.csv'
   res = subprocess.run(
@@ -356,7 +368,7 @@ def test_steps_side_cli():
   mhsa = by_step['mhsa_last_stage']
   assert mhsa['params'] == 33_784_840 and mhsa['params_vs_base'] == 33_784_840 - 28_589_128
   assert round(mhsa['gmacs'], 6) == 4.724111 and mhsa['gmacs_vs_base'] > 0.26
-  from experiments.ladder import format_side   # what the command prints without --json
+  from experiments.ladder.steps import format_side  # what the command prints without --json
   line = next(line for line in format_side(rows).splitlines() if 'mhsa_last_stage' in line)
   assert 'convnext_t' in line and '33,784,840' in line and '4.724' in line and '+5,195,712' in line
   res = subprocess.run(cmd + ['--presets'], capture_output=True, text=True)

@@ -31,7 +31,8 @@ import pytest
 from flax import nnx
 
 from configs.ladder import get_config
-from experiments import steptable, train
+from experiments.training import runconfig, steptable
+from experiments.training import state as train_state
 from modernize import LADDER, ConfigError, NetConfig, create_model, depthwise
 from modernize.depthwise import DepthwiseConv, depthwise_conv2d
 from modernize.layers import BatchNorm, LayerNorm, LayerScale
@@ -90,12 +91,12 @@ def _trainer_parts(step: str, dtype: str):
     config.model.drop_path_rate = 0.0
     config.augment.mix_prob = 0.0
     config.augment.label_smoothing = 0.0
-  cfg = train.net_config(config, num_classes=10, in_channels=1)
+  cfg = runconfig.net_config(config, num_classes=10, in_channels=1)
   assert cfg.dtype == dtype
   lr = optax.constant_schedule(1e-3)
   tx = optax.adamw(lr)
-  graphdef, constants, state = train.create_state(config, cfg, tx)
-  step_fn = jax.jit(train.make_train_step(config, graphdef, constants, tx, lr, 10))
+  graphdef, constants, state = train_state.create_state(config, cfg, tx)
+  step_fn = jax.jit(train_state.make_train_step(config, graphdef, constants, tx, lr, 10))
   return step_fn, state
 
 
@@ -166,11 +167,11 @@ def test_float32_config_hash_is_unchanged():
   """Adding model.dtype did not change the identity of float32 runs (so `ladder run` finds the
   rows it already has); a bf16 run is another run."""
   config = get_config('convnext_t,smoke')
-  assert train.config_hash(config) == '8c07bdfd0723'    # as before model.dtype existed
-  assert train.config_hash(get_config('resnet50,miniature')) == 'df2fd7140388'
+  assert runconfig.config_hash(config) == '8c07bdfd0723'    # as before model.dtype existed
+  assert runconfig.config_hash(get_config('resnet50,miniature')) == 'df2fd7140388'
   with config.unlocked():
     config.model.dtype = 'bfloat16'
-  assert train.config_hash(config) != '8c07bdfd0723'
+  assert runconfig.config_hash(config) != '8c07bdfd0723'
 
 
 def test_older_step_tables_stay_readable_and_take_float32_rows(tmp_path):

@@ -1,4 +1,4 @@
-"""Mixup, CutMix and label smoothing (experiments.mixing) against timm's Mixup (mode 'batch').
+"""Mixup, CutMix and label smoothing (experiments.training.mixing) against timm's Mixup (mode 'batch').
 
 timm mixes each image with the one at the mirrored batch position (`x.flip(0)`) with one lam per
 batch, and mixes the smoothed one-hot targets with the same lam (`timm.data.mixup.mixup_target`).
@@ -17,7 +17,7 @@ import pytest
 import torch
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
-from experiments.mixing import mix, smooth_one_hot
+from experiments.training.mixing import mix, smooth_one_hot
 
 pytestmark = pytest.mark.torch
 

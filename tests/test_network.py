@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from modernize import (LADDER, LADDER_200, BatchNorm, DepthwiseConv, LayerNorm, Network, NetConfig,
-                       count_macs, count_params, create_model, preset)
+from modernize import (
+  LADDER,
+  LADDER_200,
+  BatchNorm,
+  DepthwiseConv,
+  LayerNorm,
+  NetConfig,
+  Network,
+  count_macs,
+  count_params,
+  create_model,
+  preset,
+)
 
 # The paper prints GFLOPs to two decimals: a count that rounds to the printed figure is off by at
 # most half a unit of its last digit.

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
-from experiments import steptable
-from modernize import LADDER
 from test_analyze_cli import FINAL_CHECKPOINT_ONLY
+
+from experiments.training import steptable
+from modernize import LADDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests of experiments/pipeline.py: batches from Fashion-MNIST (Debian's idx files), synthetic tfds
+"""Tests of experiments/data/pipeline.py: batches from Fashion-MNIST (Debian's idx files), synthetic tfds
 data sets in the real on-disk format and image folders; determinism, resume, epoch boundaries, host
 sharding, exact eval, the validation hold-out and smoke subsets. Every data dir is under pytest's
 tmp_path; Debian's Fashion-MNIST files (the `fashion` fixture) are the only outside input."""
@@ -10,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import augment as aug
-from experiments import datasets
-from experiments import pipeline
-from experiments.augment import AugmentConfig
+from experiments.data import augment as aug
+from experiments.data import datasets, pipeline
+from experiments.data.augment import AugmentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_SMALL = AugmentConfig.paper(large=False)
@@ -393,7 +392,7 @@ def blocked(*args, **kwargs):
   raise OSError('network disabled by the test')
 socket.socket.connect = socket.socket.connect_ex = blocked
 socket.create_connection = socket.getaddrinfo = blocked
-from experiments import pipeline
+from experiments.data import pipeline
 names = sys.argv[2:]
 for name in names:
   size = 28 if name == 'fashion_mnist' else 32
@@ -516,6 +515,7 @@ def test_image_folder_of_one_size_needs_no_image_size(tmp_path):
 
 def test_truncated_test_image_gives_a_one_line_error(tmp_path):
   import io
+
   from PIL import Image
   name = _write_folder(tmp_path / 'images', rgb=True)
   buffer = io.BytesIO()

@@ -1,6 +1,6 @@
 """The trainer's optimizers and learning-rate schedules against PyTorch's and timm's.
 
-`experiments.train.learning_rate` and `experiments.train.optimizer`, built from the ladder's two
+`experiments.training.recipe.learning_rate` and `.optimizer`, built from the ladder's two
 recipes (configs/ladder.py: the original SGD + step recipe of ResNet-50, the enhanced AdamW +
 warm-up + cosine recipe of ConvNeXt), are compared with torch.optim.SGD / torch.optim.AdamW,
 torch's MultiStepLR, timm's CosineLRScheduler and timm's weight-decay parameter groups, step by
@@ -24,7 +24,7 @@ from flax import nnx
 from torch import nn
 
 from configs.ladder import get_config
-from experiments.train import Schedule, learning_rate, optimizer, paper_epochs
+from experiments.training.recipe import Schedule, learning_rate, optimizer, paper_epochs
 from modernize.convert import from_torch_state_dict, to_torch_state_dict
 
 pytestmark = pytest.mark.torch

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs.ladder import get_config
-from experiments import ladder_run, train
+from experiments.ladder import run as ladder_run
+from experiments.training import recipe, runconfig
 from modernize.config import ConfigError, NetConfig
 from modernize.network import create_model
 from modernize.transformers import SwinConfig, ViTConfig
@@ -19,7 +20,7 @@ def test_reference_configs_take_the_enhanced_recipe_and_the_ladders_scale():
   convnext = get_config('convnext_t,miniature')
   for name, kind in (('swin_t', SwinConfig), ('vit_s', ViTConfig)):
     config = get_config(f'{name},miniature,seed=2')
-    cfg = train.net_config(config, num_classes=10, in_channels=1)
+    cfg = runconfig.net_config(config, num_classes=10, in_channels=1)
     assert type(cfg) is kind and cfg.img_size == 32 and config.step_index == -1
     assert config.recipe == 'enhanced' and config.seed == 2
     # The same recipe, data and duration as the ladder's last step.
@@ -29,25 +30,25 @@ def test_reference_configs_take_the_enhanced_recipe_and_the_ladders_scale():
     assert (config.epochs, config.batch_size) == (convnext.epochs, convnext.batch_size)
     assert cfg.drop_path_rate == convnext.model.drop_path_rate == 0.1
   # Scale cpu (a third of the depth, a quarter of the width and heads); small-image patches.
-  swin = train.net_config(get_config('swin_t,scale=cpu'), 10, 1)
+  swin = runconfig.net_config(get_config('swin_t,scale=cpu'), 10, 1)
   assert (swin.depths, swin.embed_dim, swin.num_heads) == ((1, 1, 2, 1), 24, (1, 1, 3, 6))
   assert (swin.patch_size, swin.window_size, swin.stage_resolutions()) == (2, 4, (16, 8, 4, 2))
-  vit = train.net_config(get_config('vit_s,scale=small,image_size=28'), 10, 1)
+  vit = runconfig.net_config(get_config('vit_s,scale=small,image_size=28'), 10, 1)
   assert (vit.depth, vit.embed_dim, vit.num_heads, vit.patch_size) == (4, 192, 3, 4)
   # At 224 px and full scale: the paper's networks (but the recipe's drop path).
-  full = train.net_config(get_config('swin_t,data=imagenette'), 1000, 3)
+  full = runconfig.net_config(get_config('swin_t,data=imagenette'), 1000, 3)
   assert full.replace(drop_path_rate=0.2) == SwinConfig()
-  full = train.net_config(get_config('vit_s,data=imagenette'), 1000, 3)
+  full = runconfig.net_config(get_config('vit_s,data=imagenette'), 1000, 3)
   assert full == ViTConfig()
   with pytest.raises(ConfigError, match='img_size'):   # 30 px: no whole patches of 4
-    train.validate(get_config('vit_s,image_size=30'))
+    runconfig.validate(get_config('vit_s,image_size=30'))
   with pytest.raises(ConfigError, match='unknown step'):
     get_config('swin_b')
 
 
 def _no_grad_step(params, no_decay):
   """Whether each parameter moves in one AdamW update with zero gradients (weight decay only)."""
-  tx = train.optimizer(get_config('swin_t,smoke'), optax.constant_schedule(1.0), no_decay)
+  tx = recipe.optimizer(get_config('swin_t,smoke'), optax.constant_schedule(1.0), no_decay)
   updates = jax.jit(lambda p: jax.tree.map(
       jnp.any, tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]))(params)
   return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): bool(u)
@@ -55,16 +56,16 @@ def _no_grad_step(params, no_decay):
 
 
 def test_weight_decay_leaves_out_position_embeddings_class_token_and_bias_tables():
-  swin = train.net_config(get_config('swin_t,smoke'), 10, 1)
-  vit = train.net_config(get_config('vit_s,smoke'), 10, 1)
-  assert train.no_weight_decay(swin) == {'relative_position_bias_table'}
-  assert train.no_weight_decay(vit) == {'pos_embed', 'cls_token'}
-  assert train.no_weight_decay(NetConfig()) == set()
+  swin = runconfig.net_config(get_config('swin_t,smoke'), 10, 1)
+  vit = runconfig.net_config(get_config('vit_s,smoke'), 10, 1)
+  assert recipe.no_weight_decay(swin) == {'relative_position_bias_table'}
+  assert recipe.no_weight_decay(vit) == {'pos_embed', 'cls_token'}
+  assert recipe.no_weight_decay(NetConfig()) == set()
   for cfg in (swin, vit):
     params = nnx.state(create_model(cfg, image_size=32), nnx.Param)
-    decayed = _no_grad_step(params, train.no_weight_decay(cfg))
+    decayed = _no_grad_step(params, recipe.no_weight_decay(cfg))
     names = {k for k, v in decayed.items() if v}
-    for name in train.no_weight_decay(cfg):
+    for name in recipe.no_weight_decay(cfg):
       present = [k for k in decayed if name in k.split('/')]
       assert present and not any(decayed[k] for k in present), name
     # Every Linear and the patch embedding decay; biases and norms do not.
@@ -73,7 +74,7 @@ def test_weight_decay_leaves_out_position_embeddings_class_token_and_bias_tables
     assert not any(decayed[k] for k in decayed if 'norm' in k or k.endswith('bias/value'))
     # Without the exclusion (ndim > 1 alone) they would decay: the exclusion is what stops them.
     plain = _no_grad_step(params, frozenset())
-    assert all(plain[k] for k in decayed if k.split('/')[-2] in train.no_weight_decay(cfg))
+    assert all(plain[k] for k in decayed if k.split('/')[-2] in recipe.no_weight_decay(cfg))
 
 
 def test_plan_adds_the_references_after_the_steps():

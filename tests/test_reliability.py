@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from etils import epath
 from flax import nnx
-
-from experiments import steptable
-from experiments.checkpoint import Checkpoints, load_numpy, load_trained_model
 from test_train import flat, run_train
+
+from experiments.training import steptable
+from experiments.training.checkpoint import Checkpoints, load_numpy, load_trained_model
 
 # resnet50 (SGD, a small program) for 160 steps: checkpoints at 40, 80, 120 and 160, logs at 82 and
 # 160, so a checkpoint (80) lies 2 steps before a log and another (120) inside the last log window.
@@ -226,7 +226,8 @@ def test_metadata_round_trips_and_older_checkpoints_have_none(tmp_path):
   """What `save` is given comes back exactly (NaN and float64 too); a checkpoint saved without
   (as the previous version's were) gives {}, from which the trainer starts a fresh LogState."""
   import jax.numpy as jnp
-  from experiments.train import LogState
+
+  from experiments.training.loop import LogState
   state = {'w': jnp.arange(4.0), 'step': jnp.asarray(8)}
   checkpoints = Checkpoints(str(tmp_path / 'checkpoints'))
   log = {'loss_sum': 0.1 + 0.2, 'loss_steps': 3, 'last_loss': float('nan'), 'timed_s': 1 / 3}
@@ -366,7 +367,7 @@ def test_a_gs_workdir_is_preempted_resumed_and_loaded(tmp_path, unbroken, gcs, m
   assert proc.returncode == 143, err[-3000:]
   assert not os.path.exists(table)   # the preempted run wrote no row
   err = _resume(workdir, table)
-  assert f'resuming from checkpoint' in err and f'in {workdir}/checkpoints' in err, err[-2000:]
+  assert 'resuming from checkpoint' in err and f'in {workdir}/checkpoints' in err, err[-2000:]
   row = _assert_same_run(workdir, table, unbroken)
   assert row['workdir'] == workdir
   assert json.loads((epath.Path(workdir) / 'config.json').read_text())['seed'] == 0

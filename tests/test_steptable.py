@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from experiments import steptable
+from experiments.training import steptable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRITERS = 8
@@ -16,7 +16,7 @@ WRITERS = 8
 # Each writer imports, then waits for the go file, so that all of them append at the same moment.
 WRITER = r'''
 import os, sys, time
-from experiments import steptable
+from experiments.training import steptable
 go, writer, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tables = sys.argv[4:]
 while not os.path.exists(go):

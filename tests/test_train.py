@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import steptable
-from experiments.checkpoint import load_numpy, load_trained_model
+from experiments.training import steptable
+from experiments.training.checkpoint import load_numpy, load_trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,8 +20,15 @@ import optax
 import pytest
 from flax import nnx
 
-from modernize import (PRESETS, ConfigError, count_macs, count_params, create_model, preset,
-                       transformers)
+from modernize import (
+  PRESETS,
+  ConfigError,
+  count_macs,
+  count_params,
+  create_model,
+  preset,
+  transformers,
+)
 from modernize.network import model_class
 from modernize.presets import REFERENCES
 
@@ -218,6 +225,7 @@ def _apply(graphdef, state, x):
 @pytest.mark.parametrize('name', ['swin_t', 'vit_s'])
 def test_logits_match_timm(name, small):
   import torch
+
   from modernize.convert import from_torch_state_dict
   ref, flags, size = _reference(name, small)
   model = from_torch_state_dict(ref.state_dict(), name, **flags)
@@ -240,6 +248,7 @@ def test_layer_norm_eps_as_timm(name):
   """Every LayerNorm's eps, in order (Swin: nn.LayerNorm's 1e-5; ViT: 1e-6). A wrong eps changes
   the logits by far less than the tolerance, so it is checked directly."""
   import torch
+
   from modernize.layers import LayerNorm
   ref, flags, _ = _reference(name, True)
   theirs = [m.eps for m in ref.modules() if isinstance(m, torch.nn.LayerNorm)]
@@ -253,6 +262,7 @@ def test_layer_norm_eps_as_timm(name):
 def test_state_dict_round_trip(name):
   """timm -> ours -> timm is the identity, and timm loads it strictly."""
   import torch
+
   from modernize.convert import from_torch_state_dict, to_torch_state_dict
   ref, flags, _ = _reference(name, True)
   model = from_torch_state_dict(ref.state_dict(), name, **flags)
@@ -314,6 +324,7 @@ def _torch_step(model, x, labels, eps):
 @pytest.mark.parametrize('name', ['swin_t', 'vit_s'])
 def test_adamw_step_matches(name, dtype, eps):
   import torch
+
   from modernize.convert import from_torch_state_dict, to_torch_state_dict
   ref, flags, size = _reference(name, True)
   before = {k: v.double().numpy() for k, v in ref.state_dict().items()}

@@ -6,16 +6,17 @@
   crashed run's claim never outlives it. A run whose workdir is claimed ends with `RunInUse` (exit
   code 75, "try again later"), before it reads any data. gs:// workdirs and multi-process runs
   take no lock (an object store has no locks; a multi-host launcher starts each run once).
-- **The config.** The first start writes the resolved config to WORKDIR/config.json; a later
-  start whose config computes something else (another config hash) is refused in one line naming
-  the fields that differ, unless it sets `resume_any=true`: then config.json becomes the new
-  config, the change is appended to WORKDIR/config_changes.jsonl and recorded in the run's row
-  (`config_changes`). Fields outside the hash (log and checkpoint intervals, the step table, the
+- **The config.** The first start writes the resolved config to WORKDIR/config.json (once it is
+  set up: a run that fails before leaves none); a later start whose config computes something else
+  (another config hash) is refused in one line naming the fields that differ, unless it sets
+  `resume_any=true`: then config.json becomes the new config, the change is appended to
+  WORKDIR/config_changes.jsonl and recorded in the run's row (`config_changes`). Fields outside the hash (log and checkpoint intervals, the step table, the
   data dir and threads) may differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -123,34 +124,47 @@ def saved_config(workdir: str) -> dict | None:
                      f'{workdir}: restore it or use another workdir') from None
 
 
-def bind_config(workdir: str, config: dict, config_hash, *, write: bool, ignored: tuple,
-                resume_any: bool, update: int | None) -> str:
-  """Makes `workdir` the run of `config` (a dict): config.json is written on the first start; on
-  a later one whose `config_hash` (a function of a config dict) differs from config.json's,
-  UsageError names the differing fields (`ignored` left out), unless `resume_any`: then the change
-  (at checkpoint `update`) is recorded and config.json rewritten. `write`: this process writes
-  (process 0 of several). Returns the run's recorded config changes ('' for none)."""
-  path = outputs.location(workdir) / CONFIG_NAME
-  changes_path = outputs.location(workdir) / CHANGES_NAME
+@dataclasses.dataclass
+class Binding:
+  """What `check_config` found: the run's config, and the change (its fields, the hashes) when the
+  workdir held another config and `resume_any` allowed it."""
+  workdir: str
+  config: dict
+  new: bool                         # no config.json yet: the run's first start
+  change: dict | None = None
+
+  def record(self, update: int | None) -> str:
+    """Writes config.json (first start, or after a change: then the change, at checkpoint
+    `update`, goes to config_changes.jsonl); returns the run's config changes for its row."""
+    if self.change is not None:
+      with (outputs.location(self.workdir) / CHANGES_NAME).open('a') as f:
+        f.write(json.dumps({'update': update, **self.change}) + '\n')
+    if self.new or self.change is not None:
+      (outputs.location(self.workdir) / CONFIG_NAME).write_text(
+          json.dumps(self.config, indent=1, default=str))
+    return recorded_changes(self.workdir)
+
+
+def check_config(workdir: str, config: dict, config_hash, *, ignored: tuple,
+                 resume_any: bool) -> Binding:
+  """Whether `workdir` may run `config` (a dict): yes on a first start, or where config.json's
+  `config_hash` (a function of a config dict) is the config's; otherwise UsageError naming the
+  differing fields (`ignored` left out), unless `resume_any`. Writes nothing (`Binding.record`
+  does, once the run is set up)."""
   old = saved_config(workdir)
-  if old is not None and config_hash(old) != config_hash(config):
-    fields = differing_fields(old, config, ignored)
-    shown = ', '.join(f'{f} ({_get(old, f)!r} -> {_get(config, f)!r})' for f in fields[:6])
-    shown += ', ...' if len(fields) > 6 else ''
-    if not resume_any:
-      raise UsageError(
-          f'workdir {workdir} holds a run of another config (config.json differs in {shown}): '
-          'use another workdir, or --config.resume_any=true to continue this run under the new '
-          'config (recorded in its row)')
-    if write:
-      change = {'update': update, 'from': config_hash(old), 'to': config_hash(config),
-                'fields': fields, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
-      with changes_path.open('a') as f:
-        f.write(json.dumps(change) + '\n')
-    old = None
-  if old is None and write:
-    path.write_text(json.dumps(config, indent=1, default=str))
-  return recorded_changes(workdir)
+  if old is None or config_hash(old) == config_hash(config):
+    return Binding(workdir, config, new=old is None)
+  fields = differing_fields(old, config, ignored)
+  shown = ', '.join(f'{f} ({_get(old, f)!r} -> {_get(config, f)!r})' for f in fields[:6])
+  shown += ', ...' if len(fields) > 6 else ''
+  if not resume_any:
+    raise UsageError(
+        f'workdir {workdir} holds a run of another config (config.json differs in {shown}): '
+        'use another workdir, or --config.resume_any=true to continue this run under the new '
+        'config (recorded in its row)')
+  return Binding(workdir, config, new=False, change={
+      'from': config_hash(old), 'to': config_hash(config), 'fields': fields,
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
 
 
 def recorded_changes(workdir: str) -> str:
@@ -169,3 +183,34 @@ def _get(values: dict, dotted: str):
       return None
     values = values[part]
   return values
+
+
+def make(workdir: str) -> None:
+  """Creates `workdir` (`validate` has already found that it can be written)."""
+  try:
+    outputs.location(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f'workdir {workdir!r} cannot be created: {e.strerror}') from None
+
+
+def identity(workdir: str) -> tuple[int, int] | None:
+  """The local `workdir`'s identity (device, inode); None for a gs:// one (an object store has no
+  directories to delete or replace)."""
+  if outputs.is_remote(workdir):
+    return None
+  st = os.stat(workdir)
+  return st.st_dev, st.st_ino
+
+
+def check_same(workdir: str, expected: tuple[int, int] | None) -> None:
+  """UsageError if the local `workdir` was deleted or replaced during the run (orbax would quietly
+  make a new one, and the logs written so far would be lost with the old)."""
+  if expected is None:
+    return
+  try:
+    same = identity(workdir) == expected
+  except OSError:
+    same = False
+  if not same:
+    raise UsageError(f'workdir {workdir} vanished during the run (deleted or moved); '
+                     'run again to start over there')

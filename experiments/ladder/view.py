@@ -29,8 +29,9 @@ import math
 import os
 import statistics
 
-from experiments import outputs, steptable
+from experiments import outputs
 from experiments.cli import UsageError
+from experiments.training import steptable
 from modernize import ladder as ladders
 from modernize import presets
 
@@ -376,20 +377,25 @@ def chart(steps: list[dict], title: str, path: str, references: list[dict] = ())
 
 
 def check_one_row_per_run(table: str) -> None:
-  """TableError, one line naming the lines, where the table holds two rows of one run (its
-  config hash and seed: a seed counted twice) or two configs of one (step, seed) in one ladder (a
-  ladder shows one config per step: two budgets or recipes in one table would be pooled)."""
+  """TableError, one line naming the lines, where the table holds two rows of one run (its config
+  hash, seed and workdir) or two rows of one (step, seed) in one ladder: the same config trained
+  again in another workdir (a seed counted twice) or two configs of a step (two budgets or
+  recipes in one table would be pooled as seeds)."""
   for row, lines in steptable.duplicates(table):
     raise steptable.TableError(
         f'step table {table} holds {len(lines)} rows of one run, {steptable.describe(row)} '
         f'(lines {", ".join(map(str, lines))}): a run counts once; remove all but one')
+  rows = {line: row for row, line in zip(*steptable.rows_and_lines(table))}
   def ladder_place(r):
     return (*_group_key(r), r['step'], r['seed'])
   for row, lines in steptable.duplicates(table, key=ladder_place):
+    hashes = {rows[line].get('config_hash') for line in lines}
+    what = ('one config trained in several workdirs, a seed counted twice' if len(hashes) == 1
+            else 'several configs, which a ladder would pool as seeds')
     raise steptable.TableError(
-        f'step table {table} holds {len(lines)} configs of {row["step"]} seed {row["seed"]} in '
-        f'one ladder (lines {", ".join(map(str, lines))}): a ladder shows one config per step; '
-        'give each config a table of its own (ladder compare A B sets two ladders side by side)')
+        f'step table {table} holds {len(lines)} rows of {row["step"]} seed {row["seed"]} in one '
+        f'ladder (lines {", ".join(map(str, lines))}): {what}; a ladder shows one run per step '
+        'and seed: give each config a table of its own (ladder compare A B sets two side by side)')
 
 
 def show(out: str, table: str | None = None, note: str = '') -> list[str]:

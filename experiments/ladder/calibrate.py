@@ -26,8 +26,10 @@ import os
 import re
 import statistics
 
-from experiments import ladder_run, outputs, steptable
+from experiments import outputs
 from experiments.cli import UsageError
+from experiments.ladder import run as ladder_run
+from experiments.training import steptable
 from modernize import ladder as ladders
 
 

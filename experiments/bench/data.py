@@ -1,8 +1,8 @@
 """Throughput of the training input pipeline (images/s), not a test.
 
-  python -m experiments.bench_data --data fashion_mnist --image-size 32 --batch-size 128
-  python -m experiments.bench_data --augment paper --workers 2 --steps 400
-  python -m experiments.bench_data --image-size 224 --augment paper --large --workers 1 --steps 20
+  python -m experiments.bench.data --data fashion_mnist --image-size 32 --batch-size 128
+  python -m experiments.bench.data --augment paper --workers 2 --steps 400
+  python -m experiments.bench.data --image-size 224 --augment paper --large --workers 1 --steps 20
 
 Prints, for each augmentation preset asked for, the images/s of `pipeline.train_batches` consumed as fast
 as possible (the first batches, which include thread start-up, are not timed), and per worker.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments import datasets, pipeline
-from experiments.augment import AugmentConfig
+from experiments.data import datasets, pipeline
+from experiments.data.augment import AugmentConfig
 
 
 def bench(name: str, *, data_dir, image_size, batch_size, channels, augment: AugmentConfig,
@@ -50,6 +50,7 @@ def _device_consumer(name, data_dir, channels):
   two batches in flight."""
   import collections  # pylint: disable=import-outside-toplevel
   import functools  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
   finish = jax.jit(functools.partial(pipeline.model_input,
                                      spec=pipeline.input_spec(name, data_dir, channels)))

@@ -1,6 +1,6 @@
 """The GPU acceptance run: one command, at most 8 minutes on one GPU with 16 cores and no internet.
 
-  python -m experiments.gpu_check --out DIR [--stages a,b,c,d] [--b-steps S] [--b-variants V]
+  python -m experiments.bench.gpu_check --out DIR [--stages a,b,c,d] [--b-steps S] [--b-variants V]
                                             [--dry-run]
 
 Stages (each with a time budget, --budget-a ... --budget-d, defaults 120 + 230 + 40 + 30 = 420 s,
@@ -26,8 +26,8 @@ leaving ~60 s for start-up, the environment probe and overruns: a stage stops be
      JAX step with the shift depthwise and with the CPU fast paths (`VARIANTS`), each beside timm.
   c  the depthwise 7x7 conv of ConvNeXt-T's four stages at 224px, batch 128, forward and
      forward + backward, for every implementation in `modernize.depthwise`
-     (`experiments.bench_depthwise.bench`; 'native' is CPU-only and is recorded as failed on a GPU).
-  d  the input pipeline (`experiments.bench_data.bench`): Fashion-MNIST at 224x224x3 with the
+     (`experiments.bench.depthwise.bench`; 'native' is CPU-only and is recorded as failed on a GPU).
+  d  the input pipeline (`experiments.bench.data.bench`): Fashion-MNIST at 224x224x3 with the
      enhanced recipe's augmentation for large images (RandomResizedCrop, flip, RandAugment(2, 9),
      Random Erasing), batch 128, with os.cpu_count(), 1/2 and 1/4 of it, and 1 thread.
 
@@ -42,7 +42,7 @@ On the lent GPU machine (Python 3.12, jax 0.11 with CUDA, torch, timm; no ml_col
 network), from the repository root with carry = ['.whl', '.data'] (wheels of ml_collections and of
 the flax / optax / orbax-checkpoint versions tested here; the four Fashion-MNIST files):
 
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/ml_collections-*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MODERNIZE_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist && python3 -m experiments.gpu_check --out $OUT
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/ml_collections-*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MODERNIZE_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist && python3 -m experiments.bench.gpu_check --out $OUT
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import time
 from experiments import outputs
 from experiments.cli import UsageError, guarded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = outputs.REPOSITORY
 STAGES = ('a', 'b', 'c', 'd')
 STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
                'c': 'depthwise conv', 'd': 'input pipeline'}
@@ -226,9 +226,9 @@ def markdown(data: dict) -> str:
 # --- stage workers (subprocesses: a crash or a hung GPU costs one stage, not the run) -----------
 
 def _stream(stage: str, extra: list[str], timeout: float, on_case) -> str | None:
-  """Runs `python -m experiments.gpu_check --worker STAGE ...`, handing every JSON line it prints
+  """Runs `python -m experiments.bench.gpu_check --worker STAGE ...`, handing every JSON line it prints
   to on_case; returns an error line, or None."""
-  cmd = [sys.executable, '-m', 'experiments.gpu_check', '--worker', stage, *extra]
+  cmd = [sys.executable, '-m', 'experiments.bench.gpu_check', '--worker', stage, *extra]
   log = tempfile.TemporaryFile(mode='w+')
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                           env={**os.environ, **JAX_ENV})
@@ -263,7 +263,7 @@ def _stream(stage: str, extra: list[str], timeout: float, on_case) -> str | None
 
 
 def worker_c(conf: dict, budget: float) -> None:
-  from experiments import bench_depthwise
+  from experiments.bench import depthwise as bench_depthwise
   start = time.time()
   for shape in conf['shapes']:
     base = None
@@ -288,8 +288,9 @@ def worker_c(conf: dict, budget: float) -> None:
 
 
 def worker_d(conf: dict, budget: float) -> None:
-  from experiments import bench_data, datasets
-  from experiments.augment import AugmentConfig
+  from experiments.bench import data as bench_data
+  from experiments.data import datasets
+  from experiments.data.augment import AugmentConfig
   start = time.time()
   datasets.load_arrays('fashion_mnist', 'train')
   for workers in conf['workers']:
@@ -435,7 +436,7 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
   """Compiles every case's JAX step at once (one worker process each: compilation is CPU work and
   dominates on a GPU), starts the timm workers meanwhile, then times the cases one at a time, JAX
   alternating with timm (`bench.alternate`), closing each case's workers before the next."""
-  from experiments import bench
+  from experiments.bench import timing as bench
   args = argparse.Namespace(torch_threads=min(8, os.cpu_count() or 2), malloc_tuning=True,
                             torch=True, torch_wait_policy='default', torch_format='channels_last',
                             rounds=conf['rounds'], round_seconds=conf['round_seconds'])
@@ -579,7 +580,7 @@ def main(argv=None) -> int:
                      f"{','.join(VARIANTS)}")
   b_steps = [v.strip() for v in (args.b_steps or '').split(',') if v.strip()]
   if b_steps:
-    from experiments.bench import TIMM_EQUIVALENT
+    from experiments.bench.timing import TIMM_EQUIVALENT
     bad = sorted(set(b_steps) - set(TIMM_EQUIVALENT))
     if bad:
       raise UsageError(f"--b-steps: no timm counterpart for {bad}; choose from "

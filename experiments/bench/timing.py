@@ -6,7 +6,7 @@
 
 For every ladder step and input shape it measures one training step (forward, backward, AdamW with
 the enhanced recipe's masked weight decay), jitted over the `nnx.split` state with donated buffers
-by `experiments.train.make_train_step` (mixing and label smoothing off, drop path 0, as timm's
+by `experiments.training.state.make_train_step` (mixing and label smoothing off, drop path 0, as timm's
 defaults), on random data already in memory. Where timm has the same network (ResNet-50, the
 enhanced-recipe ResNet-50, ResNet with (3, 3, 9, 3) blocks, ConvNeXt-T), the timm model is trained
 the same way in PyTorch (train mode, AdamW with the same decay mask, `torch.set_num_threads(2)`,
@@ -20,11 +20,11 @@ resident memory. The table also gives the ratio JAX/timm (and its range over the
 machine's float32 matmul rate (a 2048^3 `jnp.dot`), each model's achieved training FLOP rate
 (3 x forward MACs x 2 per image) as a fraction of it, and, for the CPU ladder's configuration
 (configs/ladder.py, scale 'cpu': batch 128, 32x32, 1 channel, each step's own recipe), the
-training images/s beside the input pipeline's (`experiments.pipeline.train_batches` with the enhanced
+training images/s beside the input pipeline's (`experiments.data.pipeline.train_batches` with the enhanced
 recipe's augmentation), alternating the same way. Timings on a shared machine are noisy: compare
 the ratios measured in one run. Not a test: nothing here asserts a speed.
 
-Both workers start with `experiments.malloc.keep_freed_memory()` (as the trainer does); pass
+Both workers start with `experiments.runtime.keep_freed_memory()` (as the trainer does); pass
 --no-malloc-tuning to measure glibc's defaults.
 """
 
@@ -43,7 +43,7 @@ import time
 DEFAULT_STEPS = 'resnet50,convnext_t'
 DEFAULT_SHAPES = '32x32,64x64'
 NUM_CLASSES = 10
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 # Ladder steps with an identical timm network (the enhanced recipe changes only the init).
 TIMM_EQUIVALENT = {
@@ -130,17 +130,19 @@ class _JaxWorker:
     import jax
     import jax.numpy as jnp
     import optax
-    from configs import ladder as ladder_config
-    from experiments import train
+
     import modernize
+    from configs import ladder as ladder_config
+    from experiments.training import recipe, runconfig
+    from experiments.training import state as train_state
 
     if scale == 'cpu':
       # The CPU ladder's run, as experiments.train builds it: recipe, mixing, drop path, batch.
       config = ladder_config.get_config(step)
-      cfg = train.net_config(config, NUM_CLASSES)
-      schedule = train.Schedule(60000 / config.batch_size, config.epochs,
-                                train.paper_epochs(config))
-      lr = train.learning_rate(config, schedule)
+      cfg = runconfig.net_config(config, NUM_CLASSES)
+      schedule = recipe.Schedule(60000 / config.batch_size, config.epochs,
+                                recipe.paper_epochs(config))
+      lr = recipe.learning_rate(config, schedule)
       batch, size, channels = config.batch_size, config.data.image_size, config.data.channels
     else:
       # The enhanced recipe's AdamW (masked decay) for every step; no mixing, label smoothing or
@@ -155,15 +157,15 @@ class _JaxWorker:
                                         drop_path_rate=0.0, **extra)
       lr = optax.constant_schedule(1e-3)
       channels = 3
-    tx = train.optimizer(config, lr)
+    tx = recipe.optimizer(config, lr)
     start = time.perf_counter()
-    graphdef, constants, self.state = train.create_state(config, cfg, tx)
+    graphdef, constants, self.state = train_state.create_state(config, cfg, tx)
     jax.block_until_ready(self.state)
     init_s = time.perf_counter() - start
     key = jax.random.key(0)
     self.batch = {'image': jax.random.normal(key, (batch, size, size, channels), jnp.float32),
                   'label': jax.random.randint(key, (batch,), 0, NUM_CLASSES, jnp.int32)}
-    fn = jax.jit(train.make_train_step(config, graphdef, constants, tx, lr, NUM_CLASSES),
+    fn = jax.jit(train_state.make_train_step(config, graphdef, constants, tx, lr, NUM_CLASSES),
                  donate_argnums=(0,))
     start = time.perf_counter()
     self.fn = fn.lower(self.state, self.batch).compile()
@@ -231,6 +233,7 @@ class _TorchWorker:
 
   def _build(self, step, size, batch, channels_last, amp=False):
     import contextlib
+
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
@@ -330,14 +333,15 @@ class _DataWorker:
 
   def setup(self, **_):
     from configs import ladder as ladder_config
-    from experiments import pipeline, train
+    from experiments.data import pipeline
+    from experiments.training import runconfig
     config = ladder_config.get_config('convnext_t')   # the CPU ladder's data, enhanced recipe
     start = time.perf_counter()
     self.it = pipeline.train_batches(
         config.data.name, batch_size=config.batch_size, image_size=config.data.image_size,
-        channels=config.data.channels, seed=0, augment=train.augment_config(config),
-        num_workers=train.data_workers(config))
-    workers = train.data_workers(config)
+        channels=config.data.channels, seed=0, augment=runconfig.augment_config(config),
+        num_workers=runconfig.data_workers(config))
+    workers = runconfig.data_workers(config)
     workers = pipeline.default_workers() if workers is None else workers
     for _ in range(3):
       next(self.it)
@@ -358,7 +362,7 @@ def worker_main(kind: str, torch_threads: int, malloc_tuning: bool) -> int:
   os.dup2(2, 1)  # library prints go to the log, not into the protocol
   sys.stdout = sys.stderr
   if malloc_tuning:
-    from experiments.malloc import keep_freed_memory
+    from experiments.runtime import keep_freed_memory
     tune = True
     if kind == 'jax':   # where JAX runs on the CPU only, as the trainer does
       from modernize.backend import host_fast_paths

@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 
-from experiments import outputs, steptable
-from experiments import workdir as workdirs
+from experiments import outputs
 from experiments.cli import Stopped, UsageError
+from experiments.training import steptable
+from experiments.training import workdir as workdirs
 from modernize import ladder as ladders
 from modernize import presets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = outputs.REPOSITORY
 CONFIG = os.path.join(ROOT, 'configs', 'ladder.py')
 
 
@@ -50,15 +51,15 @@ def _config_arg(step: str, seed: int, ladder_name: str, options: str) -> str:
 
 def _resolve(config_arg: str, overrides: list[str]):
   """The config `experiments.train` resolves from the same arguments."""
-  from experiments import train  # pylint: disable=import-outside-toplevel
-  config, _ = train.parse_flags(['train', f'--config={CONFIG}:{config_arg}', '--workdir=-',
+  from experiments.training import runconfig  # pylint: disable=import-outside-toplevel
+  config, _ = runconfig.parse_flags(['train', f'--config={CONFIG}:{config_arg}', '--workdir=-',
                                   *[f'--config.{o}' for o in overrides]])
   return config
 
 
 def _key(config) -> tuple:
   """What identifies a finished run in the step table."""
-  from experiments.train import config_hash  # pylint: disable=import-outside-toplevel
+  from experiments.training.runconfig import config_hash  # pylint: disable=import-outside-toplevel
   return config.step, config.seed, config_hash(config)
 
 
@@ -78,19 +79,19 @@ def _format_duration(seconds: float) -> str:
 def _train_in_process(step, seed, workdir, table, ladder_name, options, overrides) -> dict | None:
   """Trains one run in this process; returns its phase times, or None where it was not trained
   here (another process holds its workdir, or the table already holds it)."""
-  from experiments import train  # pylint: disable=import-outside-toplevel
-  config, _ = train.parse_flags(
+  from experiments.training import loop, runconfig  # pylint: disable=import-outside-toplevel
+  config, _ = runconfig.parse_flags(
       ['train', f'--config={CONFIG}:{_config_arg(step, seed, ladder_name, options)}',
        f'--workdir={workdir}', f'--config.step_table={table}',
        *[f'--config.{o}' for o in overrides]])
   try:
-    result = train.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
   except workdirs.RunInUse:
     return None
-  except (train.Interrupted, train.Preempted) as e:
-    raise Stopped(130 if isinstance(e, train.Interrupted) else 143,
+  except (loop.Interrupted, loop.Preempted) as e:
+    raise Stopped(130 if isinstance(e, loop.Interrupted) else 143,
                   f'checkpoint of {step} seed {seed} saved at update {e}') from None
-  except (train.TrainingDiverged, train.datasets.DatasetUnavailable) as e:
+  except (loop.TrainingDiverged, loop.datasets.DatasetUnavailable) as e:
     raise UsageError(f'training {step} seed {seed} failed: {e}') from None
   return None if result.get('already_recorded') else result.get('times', {})
 
@@ -185,7 +186,7 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   small runs side by side train more images per second than one run on both).
 
   Several ladders may work on one OUT at once: a run is trained by the process that claims its
-  workdir (experiments/workdir.py); the others skip it, train what is unclaimed, and then wait
+  workdir (experiments/training/workdir.py); the others skip it, train what is unclaimed, and then wait
   until the claimed runs are in the table (or their claim is dropped: a crashed process's run is
   then trained here). Each (step, seed) gets one row."""
   if jobs < 1:

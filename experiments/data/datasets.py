@@ -1,8 +1,8 @@
 """Data sets: what each one is, where its examples come from, and preparing it once, safely.
 
-  python -m experiments.datasets info fashion_mnist
-  python -m experiments.datasets prepare cifar10 --download --data-dir DIR
-  python -m experiments.datasets prepare imagenet2012 --manual-dir ~/imagenet-tars
+  python -m experiments.data info fashion_mnist
+  python -m experiments.data prepare cifar10 --download --data-dir DIR
+  python -m experiments.data prepare imagenet2012 --manual-dir ~/imagenet-tars
 
 Names:
 * `fashion_mnist`: Debian's `dataset-fashion-mnist` idx files in /usr/share/datasets/fashion-mnist,
@@ -430,7 +430,7 @@ def _tfds():
   """tensorflow_datasets, imported without TensorFlow; DatasetUnavailable if not installed."""
   if 'importlib_resources' not in sys.modules:
     try:
-      import importlib_resources  # pylint: disable=import-outside-toplevel,unused-import
+      import importlib_resources  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401  (imported to see whether it can be)
     except ImportError:
       # tfds 4.9 uses the importlib_resources backport (without declaring it) to locate a
       # builder's code; the standard library's module has the same API on Python >= 3.11.
@@ -505,7 +505,7 @@ def _prepare_tfds_locked(name: str, data_dir: str, build) -> str:
     if outputs.is_remote(data_dir):
       raise DatasetUnavailable(
           f'{name} is not prepared in {data_dir}: a bucket is read from, not prepared into; run '
-          f'`python -m experiments.datasets prepare {name} --data-dir DIR` and copy '
+          f'`python -m experiments.data prepare {name} --data-dir DIR` and copy '
           f'DIR/{name.split(":")[0]} to {data_dir} (e.g. gcloud storage cp -r)')
     with _exclusive(_prepare_lock(data_dir, name)):
       builder = _builder(name, data_dir)   # another process may have finished meanwhile
@@ -536,7 +536,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, *, download: b
   if base == 'folder':
     return _folder(name).root
   data_dir = default_data_dir(data_dir)
-  how = (f'on a machine with internet run `python -m experiments.datasets prepare {name} '
+  how = (f'on a machine with internet run `python -m experiments.data prepare {name} '
          f'--download --data-dir DIR` and copy DIR/{name.split(":")[0]} to {data_dir}')
 
   def build(builder):
@@ -546,7 +546,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, *, download: b
       if not all(os.path.exists(os.path.join(manual, t)) for t in IMAGENET_TARS):
         raise DatasetUnavailable(
             f'imagenet2012: put {" and ".join(IMAGENET_TARS)} (from image-net.org) in {manual}, '
-            f'then run `python -m experiments.datasets prepare imagenet2012 --data-dir {data_dir}`')
+            f'then run `python -m experiments.data prepare imagenet2012 --data-dir {data_dir}`')
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual),
           file_format='array_record')
@@ -775,7 +775,7 @@ def make_fake_dataset(name: str, data_dir: str | os.PathLike, *, num_train: int 
 
 def main(argv: list[str] | None = None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog='python -m experiments.datasets',
+  parser = argparse.ArgumentParser(prog='python -m experiments.data',
                                    description='Prepare or describe a data set.')
   parser.add_argument('command', choices=['prepare', 'info'])
   parser.add_argument('name', help='fashion_mnist, cifar10, cifar100, imagenette, imagenet2012 '

@@ -1,4 +1,4 @@
-"""Input pipeline: a data set (experiments.datasets) -> deterministic, resumable, per-host batches.
+"""Input pipeline: a data set (experiments.data.datasets) -> deterministic, resumable, per-host batches.
 
 * **Index-based sampling.** The global training stream is a pure function of the seed: position g
   (= step * global_batch + offset) holds training example permutation(seed, g // N)[g % N], and
@@ -40,9 +40,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from experiments import augment as aug
-from experiments import datasets
-from experiments.augment import AugmentConfig
+from experiments.data import augment as aug
+from experiments.data import datasets
+from experiments.data.augment import AugmentConfig
 
 __all__ = ['AugmentConfig', 'InputSpec', 'default_workers', 'eval_batches', 'input_spec',
            'model_input', 'num_eval_batches', 'split_size', 'train_batches', 'train_indices']

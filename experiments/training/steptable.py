@@ -6,7 +6,7 @@ and a reader never sees half a row. A table that cannot be read or written as on
 unwritable path, other columns, a row of another length, a cell that should be a number) raises
 `TableError`, one line naming the file.
 
-One row per run: a run is its config hash and seed (`run_key`). `append_row` refuses, under the
+One row per run: a run is its config hash, seed and workdir (`run_key`). `append_row` refuses, under the
 lock, a row whose run the table already holds (`DuplicateRun`), or replaces that row where asked
 (`replace=True`: the table is rewritten in place under the lock, its previous content kept in
 PATH.bak until the new one is on disk). `duplicates` finds the rows that break the rule in a
@@ -41,7 +41,7 @@ COLUMNS = (
 # cpu_cores: the CPU cores the run's process could use, on CPU (XLA's threads: their number
 # changes float summation order, so a run's numbers depend on it).
 # config_changes: the config fields a run was continued under after it started with others
-# (`--config.resume_any=true`, experiments/workdir.py), 'FIELD,FIELD@UPDATE' per change; '' for
+# (`--config.resume_any=true`, experiments/training/workdir.py), 'FIELD,FIELD@UPDATE' per change; '' for
 # none, which every run of an older table is.
 DEFAULTS = {'dtype': 'float32', 'cpu_cores': None, 'config_changes': ''}
 # The layouts this version appends to: its own, then the older ones (the last columns missing).
@@ -56,16 +56,20 @@ class DuplicateRun(TableError):
   """The table already holds a row of the run being added."""
 
 
-def run_key(row: dict) -> tuple[str, str] | None:
-  """What identifies a run in a table: (config hash, seed); None for a row without a hash."""
+def run_key(row: dict) -> tuple[str, str, str] | None:
+  """What identifies a run in a table: (config hash, seed, workdir, the workdir as
+  `outputs.recorded` writes it); None for a row without a hash."""
   if not row.get('config_hash'):
     return None
-  return row['config_hash'], str(row.get('seed', ''))
+  workdir = row.get('workdir') or ''
+  return row['config_hash'], str(row.get('seed', '')), workdir and outputs.recorded(
+      outputs.from_record(workdir))
 
 
 def describe(row: dict) -> str:
-  """A run named for messages: step, seed and config hash."""
-  return f"{row.get('step', '?')} seed {row.get('seed', '?')} (config {row.get('config_hash')})"
+  """A run named for messages: step, seed, config hash and workdir."""
+  return (f"{row.get('step', '?')} seed {row.get('seed', '?')} (config {row.get('config_hash')}, "
+          f"workdir {row.get('workdir') or '?'})")
 
 
 def _line(values: dict, columns: tuple[str, ...] = COLUMNS) -> str:
@@ -196,7 +200,7 @@ def _records(path: str, reader) -> tuple[list[dict], list[int]]:
   return rows, lines
 
 
-def _read(path: str) -> tuple[list[dict], list[int]]:
+def rows_and_lines(path: str) -> tuple[list[dict], list[int]]:
   """`read_rows` and the line of each row."""
   if not os.path.exists(path):
     return [], []
@@ -221,19 +225,19 @@ def read_rows(path: str) -> list[dict]:
   """All rows of a step table (an empty list if there is none, or the file is empty; a column of
   `DEFAULTS` that a table of an older layout lacks reads as its default); TableError
   for a path that is not a CSV table (a directory, unreadable, not UTF-8 text, ragged rows)."""
-  return _read(path)[0]
+  return rows_and_lines(path)[0]
 
 
 def runs_of(path: str, key: tuple[str, str]) -> list[tuple[dict, int]]:
   """The rows of the run `key` (`run_key`) in the table at `path`, each with its line."""
-  rows, lines = _read(path)
+  rows, lines = rows_and_lines(path)
   return [(r, line) for r, line in zip(rows, lines) if run_key(r) == key]
 
 
 def duplicates(path: str, key=run_key) -> list[tuple[dict, list[int]]]:
   """The groups of rows of the table at `path` that share `key(row)` (default `run_key`: rows of
   one run; rows whose key is None are left out), each as (its first row, the lines of its rows)."""
-  rows, lines = _read(path)
+  rows, lines = rows_and_lines(path)
   by_key: dict[tuple, list[int]] = {}
   first = {}
   for row, line in zip(rows, lines):

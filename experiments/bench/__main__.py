@@ -1,0 +1,5 @@
+import sys
+
+from experiments.bench.timing import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from experiments.data.datasets import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from experiments.ladder.commands import main
+
+sys.exit(main())
