@@ -2,7 +2,7 @@
 # make ladder  set up, then train and show the default CPU ladder on Fashion-MNIST
 # make ladder-quick  a rough ladder in minutes (one seed, a tenth of the training; not at plateau)
 # make references  after `make ladder`: Swin-T and ViT-S beside it, then the analyses against them
-# make bench   set up (with PyTorch/timm), then time JAX against timm (README, "Speed on CPU")
+# make bench   set up (with PyTorch/timm), then time JAX against timm (docs/performance.md)
 # make mutate  plant the deliberate bugs of tests/mutations.toml one at a time; report which the tests catch
 PYTHON ?= python3
 VENV := .venv
@@ -12,19 +12,19 @@ STAMP_CORE := $(VENV)/.installed-core
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# The default CPU ladder (README, "The ladder"): Fashion-MNIST at 32x32, model scale 'cpu', the
+# The default CPU ladder (docs/ladder.md): Fashion-MNIST at 32x32, model scale 'cpu', the
 # calibrated CPU miniature recipe (configs/ladder.py, MINIATURE), every adopted step.
 LADDER_OUT ?= runs/ladder
 LADDER_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature
 LADDER_SEEDS ?= 4
 # Runs trained at once, each pinned to its share of the cores: on 2 cores two single-core runs
-# train 1.3-1.4x the images/s of one run on both (README, "The default CPU ladder").
+# train more images/s than one run on both (docs/ladder.md, "Running and showing a ladder").
 LADDER_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 # A rough look in minutes: the same ladder, one seed, a tenth of the training. Not at plateau.
 QUICK_OUT ?= runs/ladder-quick
 QUICK_OPTIONS ?= data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature,longer=0.1
 
-.PHONY: venv venv-core test test-fast mutate ladder ladder-quick references bench data clean
+.PHONY: venv venv-core test test-fast lint mutate ladder ladder-quick references bench data clean
 
 venv: $(STAMP)
 venv-core: $(STAMP_CORE)
@@ -49,8 +49,12 @@ $(FMNIST):
 # Two worker processes (pytest-xdist): much of a test's time is one-threaded (compiling,
 # starting a subprocess), so two at a time use two cores better than one does.
 TEST_WORKERS ?= 2
-test: venv data
+test: venv data lint
 	$(BIN)/python -m pytest tests -q -ra --durations=25 -n $(TEST_WORKERS) --dist worksteal
+
+# The style (pyproject.toml); tests/test_style.py runs it too, with the indentation check.
+lint: venv
+	$(BIN)/ruff check .
 
 # Without the PyTorch reference tests.
 test-fast: venv data
@@ -64,9 +68,9 @@ ladder: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
 	  --jobs $(LADDER_JOBS) --options $(LADDER_OPTIONS) --show
 
-# The transformer references beside the default CPU ladder, same options and seeds (README,
-# "Transformer references in the ladder"), then every step's CKA, shape bias and error consistency
-# against them ("Inside the ladder").
+# The transformer references beside the default CPU ladder, same options and seeds
+# (docs/ladder.md), then every step's CKA, shape bias and error consistency against them
+# (docs/analysis.md).
 references: venv-core data
 	$(BIN)/python -m experiments.ladder run --out $(LADDER_OUT) --seeds $(LADDER_SEEDS) \
 	  --jobs $(LADDER_JOBS) --options $(LADDER_OPTIONS) --references --steps swin_t,vit_s --show

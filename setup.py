@@ -30,7 +30,7 @@ EXTRAS = {
 # pytest-xdist: `make test` runs the suite on two worker processes; gcp-storage-emulator: a local
 # stand-in for Google Cloud Storage that gs:// runs are tested against.
 EXTRAS['test'] = (
-  ['pytest>=8,<10', 'pytest-xdist>=3.6,<4', 'gcp-storage-emulator>=2026.7']
+  ['pytest>=8,<10', 'pytest-xdist>=3.6,<4', 'gcp-storage-emulator>=2026.7', 'ruff>=0.17,<0.18']
   + EXTRAS['data']
   + EXTRAS['plot']
   + EXTRAS['torch']

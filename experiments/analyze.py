@@ -53,7 +53,6 @@ assume objects on a plain background, as in Fashion-MNIST.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -67,8 +66,8 @@ from typing import Iterator
 
 import numpy as np
 
-from experiments import outputs
-from experiments.cli import UsageError, guarded
+from experiments import cli, outputs
+from experiments.cli import ArgumentParser, UsageError, guarded, positive
 
 LAYERS = ('stage1', 'stage2', 'stage3', 'stage4', 'logits')
 NUM_STAGES = 4
@@ -720,26 +719,10 @@ def _plot_shape_bias(path: str, result: dict) -> None:
 
 # --- command line ---------------------------------------------------------------------------------
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f'{value} is not positive')
-  return value
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2, as every command of the suite
-    raise UsageError(message)
-
-
 @guarded
 def main(argv: list[str] | None = None) -> int:
-  parser = _Parser(prog='python -m experiments.analyze', description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
+  parser = ArgumentParser(prog='python -m experiments.analyze', description=__doc__)
+  sub = parser.add_subparsers(dest='command', required=True)
   for command, help_text in (('cka', 'linear CKA between steps and stages'),
                              ('bias', 'shape bias and error consistency')):
     p = sub.add_parser(command, help=help_text)
@@ -749,24 +732,27 @@ def main(argv: list[str] | None = None) -> int:
                    help='transformer references to compare with, comma-separated: swin_t, vit_s '
                         '(their runs from `ladder run --references`)')
     p.add_argument('--seed', type=int, default=0, help='which seed\'s runs (default 0)')
-    p.add_argument('--batch-size', type=_positive, default=256)
+    p.add_argument('--batch-size', type=positive(), default=256)
     if command == 'cka':
-      p.add_argument('--max-dim', type=_positive, default=16384,
+      p.add_argument('--max-dim', type=positive(), default=16384,
                      help='feature maps larger than this are 2x2-average-pooled until they fit')
-      p.add_argument('--examples', type=_positive, default=None,
+      p.add_argument('--examples', type=positive(), default=None,
                      help='the first N test images only (default: the whole test split)')
       p.add_argument('--baseline-seed', type=int, default=None,
                      help='also compare each step and reference with its own run of this seed '
                           '(the seed baseline: how alike two trainings of one network are)')
     else:
-      p.add_argument('--num', type=_positive, default=2000, help='cue-conflict images')
+      p.add_argument('--num', type=positive(), default=2000, help='cue-conflict images')
       p.add_argument('--cue-seed', type=int, default=0, help='seed of the cue-conflict set')
   args = parser.parse_args(argv)
   if not os.path.isdir(args.out):
     raise UsageError(f'--out {args.out!r} is not a directory')
-  steps = [s.strip() for s in args.steps.split(',') if s.strip()]
+  from modernize import ladder as ladders
+  from modernize import presets
+  steps = cli.names(args.steps, sorted({n for ladder in ladders.LADDERS.values()
+                                        for n in ladder.names()}), 'step', '--steps')
   runs = find_runs(args.out, steps or None, args.seed)
-  names = [s.strip() for s in args.reference.split(',') if s.strip()]
+  names = cli.names(args.reference, list(presets.REFERENCES), 'reference', '--reference')
   reference_runs = find_reference_runs(args.out, names, args.seed)
   baseline_steps, baseline_references = [], []
   if args.command == 'cka' and args.baseline_seed is not None:

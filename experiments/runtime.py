@@ -13,9 +13,9 @@ anyway. Call it before the first JAX computation (threads that already own an ar
 Equivalent environment: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
 
 Also the other process-wide settings of the commands (the compilation cache, quiet libraries).
-Only the standard library is imported at the top, so PyTorch processes can use it too. A CPU fast path:
-the trainer applies it only where `modernize.backend.host_fast_paths()` (JAX will run on the CPU,
-or `MODERNIZE_FAST_PATHS=cpu`).
+Only the standard library is imported at the top, so PyTorch processes can use it too. A CPU fast
+path: the trainer applies it only where `modernize.backend.host_fast_paths()` (JAX will run on the
+CPU, or `MODERNIZE_FAST_PATHS=cpu`).
 """
 
 from __future__ import annotations

@@ -17,17 +17,20 @@ import sys
 import jax
 
 from experiments import runtime
-from experiments.data import datasets
+from experiments.cli import expected_errors
 from experiments.training import workdir as workdirs
 from experiments.training.loop import Interrupted, Preempted, TrainingDiverged, train_and_evaluate
-from experiments.training.runconfig import parse_flags
+from experiments.training.runconfig import HELP_FLAGS, flags_help, parse_flags
 from modernize import backend
 
 
 def main(argv=None) -> int:
-  from experiments.cli import EXPECTED
-
   argv = list(sys.argv if argv is None else argv)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(f'usage: python -m experiments.train --config=configs/ladder.py:STEP[,OPTIONS] '
+          f'--workdir=DIR [--config.FIELD=VALUE ...] [--force]\n\n{__doc__}\nThe options and '
+          f'config fields: configs/ladder.py (docs/training.md).\n\n{flags_help()}')
+    return 0
   # Before JAX starts its threads: reuse freed memory instead of page-faulting every step's
   # buffers back in (experiments/runtime.py; MODERNIZE_MALLOC_TUNING=0 turns it off). A CPU fast
   # path: not where JAX will run on a GPU/TPU (modernize.backend).
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
                       num_processes=flag_values.num_processes, process_id=flag_values.process_id)
       jax.distributed.initialize(**kwargs)
     result = train_and_evaluate(config, flag_values.workdir, force=flag_values.force)
-  except (*EXPECTED, datasets.DatasetUnavailable, TrainingDiverged) as e:
+  except (*expected_errors(), TrainingDiverged) as e:   # DatasetUnavailable: a UsageError
     print(f'error: {e}', file=sys.stderr)
     return 2
   except workdirs.RunInUse as e:

@@ -14,7 +14,8 @@ Public API:
   REFERENCES, SwinConfig, ViTConfig, SwinTransformer, VisionTransformer
                                    Swin-T and ViT-S/16 as timm's (`modernize.transformers`)
   count_macs                       multiply-accumulates the paper's way (`modernize.flops`)
-  from_torch_state_dict            PyTorch (timm / torchvision / official) weights (`modernize.convert`)
+  from_torch_state_dict            PyTorch (timm / torchvision / official) weights
+                                   (`modernize.convert`)
 """
 
 from modernize.blocks import Downsample, Head, LadderBlock, Stem, convnext_block, resnet_bottleneck

@@ -64,16 +64,18 @@ class NetConfig(FlagsConfig):
   """Architecture flags. Defaults give torchvision's ResNet-50.
 
   Attributes:
-    depths: residual blocks per stage; (3, 4, 6, 3) is ResNet-50, (3, 3, 9, 3) the "stage ratio" step.
-    width: base width; stage i is `width * 2**i` channels wide (ResNet: the bottleneck's inner width;
-      inverted bottleneck: the residual stream's width). 64 is ResNet-50, 96 is ConvNeXt-T.
+    depths: residual blocks per stage; (3, 4, 6, 3) is ResNet-50, (3, 3, 9, 3) the "stage ratio"
+      step.
+    width: base width; stage i is `width * 2**i` channels wide (ResNet: the bottleneck's inner
+      width; inverted bottleneck: the residual stream's width). 64 is ResNet-50, 96 is ConvNeXt-T.
     stem: 'resnet' (7x7 stride-2 conv, norm, activation, 3x3 stride-2 max-pool) or 'patchify'
       (4x4 stride-4 conv followed by a norm).
     groups: groups of the spatial conv (ResNeXt); ignored when `depthwise`.
     depthwise: the spatial conv is depthwise (groups = channels).
     expansion: channel ratio between a block's wide and narrow layers (4 in ResNet and ConvNeXt).
     inverted_bottleneck: narrow -> wide -> narrow (Fig. 3b) instead of wide -> narrow -> wide.
-    depthwise_position: 'middle' (between the 1x1 convs) or 'top' (first layer of the block, Fig. 3c).
+    depthwise_position: 'middle' (between the 1x1 convs) or 'top' (first layer of the block,
+      Fig. 3c).
     kernel_size: spatial conv kernel (odd).
     activation: 'relu' or 'gelu' (exact erf GELU, as PyTorch's nn.GELU()).
     activations: 'all' (after the block's first two layers and after the residual add, as ResNet)

@@ -4,8 +4,8 @@ XLA:CPU runs some convolutions of a small-image training step badly (measured at
 2-core AVX-512 Xeon, jax 0.10): a 3x3 conv 512 -> 512 on a 2x2 map takes 0.8-1.3 s forward and as
 long for its input gradient (XLA swaps batch and features and runs a 2x2-window conv over them;
 as a matmul: 6 ms), the input gradient of a 3x3/2 conv on a 4x4x512 map 0.2-0.8 s (5 ms), and the
-kernel gradient of a 1x1 conv is 3-6x slower than the matmul it is. A conv is a matmul over patches, so
-this module computes the same operation
+kernel gradient of a 1x1 conv is 3-6x slower than the matmul it is. A conv is a matmul over patches,
+so this module computes the same operation
 
     y[n, i, j, o] = sum_{a, b, c} x[n, i*s - p + a, j*s - p + b, c] * kernel[a, b, c, o]
 

@@ -17,8 +17,8 @@ Supported key formats (detected from the keys):
   'timm' (Swin)  patch_embed.{proj,norm}, layers.{i}.downsample.{norm,reduction},
                  layers.{i}.blocks.{j}.{norm1,attn.{relative_position_bias_table,qkv,proj},norm2,
                  mlp.{fc1,fc2}}, norm, head.fc (arch 'swin_t'; our module names are timm's).
-  'timm' (ViT)   cls_token, pos_embed, patch_embed.proj, blocks.{j}.{norm1,attn.{qkv,proj},ls1.gamma,
-                 norm2,mlp.{fc1,fc2},ls2.gamma}, norm, head (arch 'vit_s').
+  'timm' (ViT)   cls_token, pos_embed, patch_embed.proj, blocks.{j}.{norm1,attn.{qkv,proj},
+                 ls1.gamma,norm2,mlp.{fc1,fc2},ls2.gamma}, norm, head (arch 'vit_s').
 
 The number of classes is read from the classifier's weight, so fine-tuned checkpoints convert.
 Every parameter and BatchNorm statistic of the network is assigned from exactly one key; missing

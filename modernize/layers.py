@@ -1,5 +1,5 @@
-"""Small layers with PyTorch's exact semantics: norms, GRN, BoTNet's attention, DropPath, LayerScale,
-convs, initialisers.
+"""Small layers with PyTorch's exact semantics: norms, GRN, BoTNet's attention, DropPath,
+LayerScale, convs, initialisers.
 
 Everything is NHWC (channels last). Norms are written out rather than taken from flax so that their
 arithmetic matches PyTorch's (two-pass variance; BatchNorm's running variance is the unbiased one).
@@ -43,7 +43,8 @@ def trunc_normal_002(key, shape, dtype=jnp.float32):
 def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
   """torchvision ResNet convs: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 
-  `shape` is flax's (kh, kw, in/groups, out); PyTorch's fan-out is out * kh * kw whatever the groups.
+  `shape` is flax's (kh, kw, in/groups, out); PyTorch's fan-out is out * kh * kw whatever the
+  groups.
   """
   fan_out = shape[-1] * math.prod(shape[:-2])
   return math.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, dtype)
@@ -239,7 +240,7 @@ def norm(kind: str, dim: int, dtype=None) -> LayerNorm | BatchNorm:
   return BatchNorm(dim, dtype=dtype) if kind == 'batch' else LayerNorm(dim, dtype=dtype)
 
 
-# --- pooling ---------------------------------------------------------------------------------------
+# --- pooling --------------------------------------------------------------------------------------
 
 def max_pool(x, k: int = 3, s: int = 2, p: int = 1):
   """PyTorch's MaxPool2d(k, s, padding=p) on NHWC (pads with -inf).

@@ -1,4 +1,5 @@
-"""Unit tests of experiments/data/augment.py: the stateless RNG, each op, the crops, RandAugment, erasing.
+"""Unit tests of experiments/data/augment.py: the stateless RNG, each op, the crops, RandAugment,
+erasing.
 
 numpy (and PIL as a reference) only: no TensorFlow, fast.
 """

@@ -14,7 +14,7 @@ from modernize import ConfigError, NetConfig, preset
     ({'activations': 'two'}, 'activations'),
     ({'norms': 'none'}, 'norms'),
     ({'downsampling': 'pool'}, 'downsampling'),
-    ({'depthwise_position': 'top'}, 'depthwise_position'),               # needs inverted + depthwise
+    ({'depthwise_position': 'top'}, 'depthwise_position'),              # needs inverted + depthwise
     ({'depthwise_position': 'top', 'inverted_bottleneck': True}, 'depthwise_position'),
     ({'depthwise_position': 'bottom'}, 'depthwise_position'),
     ({'depthwise': True, 'groups': 32}, 'groups'),                       # conflicting flags

@@ -1,5 +1,5 @@
-"""Tests of experiments/data/datasets.py: Fashion-MNIST read from Debian's idx files, idx parsing, the
-validation hold-out, preparing tfds data sets (once, under a lock, also when processes race) and
+"""Tests of experiments/data/datasets.py: Fashion-MNIST read from Debian's idx files, idx parsing,
+the validation hold-out, preparing tfds data sets (once, under a lock, also when processes race) and
 image folders. Every data dir is under pytest's tmp_path; Debian's Fashion-MNIST files (the
 `fashion` fixture) are the only outside input."""
 

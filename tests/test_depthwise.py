@@ -280,7 +280,8 @@ for impl in ("native", "shift"):
         if impl == "native":
             # Each device runs the kernels on its own 2-image shard.
             calls = re.findall(r'custom_call_target="(modernize_dw_\w+)"', hlo)
-            assert sorted(calls) == ["modernize_dw_dw", "modernize_dw_dx", "modernize_dw_fwd"], calls
+            assert sorted(calls) == ["modernize_dw_dw", "modernize_dw_dx",
+                                     "modernize_dw_fwd"], calls
             for op in calls:
                 shard = rf'"{op}", operand_layout_constraints=\{{f32\[2,'
                 assert re.search(shard, hlo), f"{op} does not run on a 2-image shard"

@@ -4,9 +4,9 @@ Fast paths covered: `modernize.conv` (dense convs as matmuls / per-shape plans, 
 `lax.conv_general_dilated`), the hand-written VJPs of train-mode BatchNorm and LayerNorm (against
 the autodiff of the plain two-pass formulas), the max-pool VJP (against `lax.reduce_window`'s
 select-and-scatter), the erf GELU (against jax's erfc form), a batch-sharded train step (against one
-device), and the data pipeline's batched RandAugment warps, presized splits and window crops (against
-the per-op / fancy-indexing code they replace, bit for bit). And which path runs where: the fast
-paths on the CPU backend only, XLA's standard ops when the accelerators' choice is forced
+device), and the data pipeline's batched RandAugment warps, presized splits and window crops
+(against the per-op / fancy-indexing code they replace, bit for bit). And which path runs where: the
+fast paths on the CPU backend only, XLA's standard ops when the accelerators' choice is forced
 (`modernize.backend`), with equal results.
 
 Tolerances (float32): a result that sums n products in a different order differs by rounding, about

@@ -1,5 +1,5 @@
-"""experiments.bench.gpu_check: the GPU acceptance run's dry run on the CPU, its failure handling, its
-budgets and its command-line errors. No speed is asserted."""
+"""experiments.bench.gpu_check: the GPU acceptance run's dry run on the CPU, its failure handling,
+its budgets and its command-line errors. No speed is asserted."""
 
 from __future__ import annotations
 
@@ -87,9 +87,9 @@ def test_bad_stages_exit_2_with_one_line(tmp_path):
   r = _run('--out', str(tmp_path), '--stages', 'x', timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      "error: --stages: unknown stage(s) ['x']; choose from a,b,c,d"]
+      "error: --stages: unknown stage 'x'; choose from a,b,c,d"]
   assert not (tmp_path / 'gpu_check.json').exists()
   r = _run('--out', str(tmp_path), '--b-variants', 'default,fast', timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      "error: --b-variants: unknown variant(s) ['fast']; choose from default,shift,cpu-paths"]
+      "error: --b-variants: unknown variant 'fast'; choose from default,shift,cpu-paths"]

@@ -29,7 +29,7 @@ from modernize import (
 FWD_TOL = 1e-4   # logits, float32, as tests/test_torch_parity.py
 
 
-# --- the layer --------------------------------------------------------------------------------------
+# --- the layer ------------------------------------------------------------------------------------
 
 def _grn_reference(x, gamma, beta, eps=1e-6):
   """The paper's formula in float64 numpy, written independently of the layer."""

@@ -59,7 +59,8 @@ def test_killed_ladder_resumes_without_retraining(tmp_path):
   if len(os.sched_getaffinity(0)) >= 2:                # each run pinned to its share: one core
     assert {r['cpu_cores'] for r in rows} == {'1'}
   with open(times) as f:
-    trained_after = {(t['step'], str(t['seed'])) for t in map(json.loads, f.readlines()[timed_before:])}
+    trained_after = {(t['step'], str(t['seed']))
+                     for t in map(json.loads, f.readlines()[timed_before:])}
   assert trained_after.isdisjoint(done_before) and len(trained_after) == 4 - len(done_before)
 
 

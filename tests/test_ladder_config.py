@@ -13,7 +13,8 @@ PLACE = {'base_lr': 'optimizer', 'lr_batch': 'optimizer', 'momentum': 'optimizer
          'weight_decay': 'optimizer', 'warmup_epochs': 'optimizer', 'min_lr': 'optimizer',
          'optimizer': 'optimizer', 'schedule': 'optimizer', 'decay_all': 'optimizer',
          'step_epochs': 'optimizer', 'label_smoothing': 'augment', 'mixup_alpha': 'augment',
-         'cutmix_alpha': 'augment', 'mix_prob': 'augment', 'randaugment_n': 'augment', 'randaugment_m': 'augment',
+         'cutmix_alpha': 'augment', 'mix_prob': 'augment', 'randaugment_n': 'augment',
+         'randaugment_m': 'augment',
          'randaugment_mstd': 'augment', 'random_erasing': 'augment',
          'drop_path_rate': 'model', 'layer_scale_init': 'model'}
 

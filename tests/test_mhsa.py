@@ -32,7 +32,7 @@ def _attention(dim, size, head_dim, seed=0):
                              rngs=nnx.Rngs(seed))
 
 
-# --- the layer --------------------------------------------------------------------------------------
+# --- the layer ------------------------------------------------------------------------------------
 
 def _reference(x, kernel, height_rel, width_rel, heads):
   """Attention with 2-D relative position logits in float64 numpy, one query at a time, written
@@ -104,7 +104,7 @@ def test_bfloat16_keeps_float32_logits():
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
 
 
-# --- the flag, the blocks, the network --------------------------------------------------------------
+# --- the flag, the blocks, the network ------------------------------------------------------------
 
 @pytest.mark.parametrize('flags', [
     {},                                                                  # ResNet-50
@@ -308,7 +308,8 @@ def test_attention_matches_timm(dim, size, head_dim):
   np.testing.assert_allclose(out, out_t, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gs['qkv']['kernel'].get_value(),
-                             ref.qkv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+                             ref.qkv.weight.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-4, atol=1e-4)
   for name in ('height_rel', 'width_rel'):
     np.testing.assert_allclose(gs[name].get_value(), getattr(ref.pos_embed, name).grad.numpy(),
                                rtol=1e-4, atol=1e-4)

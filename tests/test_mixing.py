@@ -1,4 +1,5 @@
-"""Mixup, CutMix and label smoothing (experiments.training.mixing) against timm's Mixup (mode 'batch').
+"""Mixup, CutMix and label smoothing (experiments.training.mixing) against timm's Mixup (mode
+'batch').
 
 timm mixes each image with the one at the mirrored batch position (`x.flip(0)`) with one lam per
 batch, and mixes the smoothed one-hot targets with the same lam (`timm.data.mixup.mixup_target`).

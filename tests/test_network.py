@@ -1,4 +1,5 @@
-"""Every ladder step: the block structure the paper describes, exact counts, forward and backward."""
+"""Every ladder step: the block structure the paper describes, exact counts, forward and
+backward."""
 
 import json
 import subprocess

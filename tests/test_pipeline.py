@@ -1,7 +1,8 @@
-"""Tests of experiments/data/pipeline.py: batches from Fashion-MNIST (Debian's idx files), synthetic tfds
-data sets in the real on-disk format and image folders; determinism, resume, epoch boundaries, host
-sharding, exact eval, the validation hold-out and smoke subsets. Every data dir is under pytest's
-tmp_path; Debian's Fashion-MNIST files (the `fashion` fixture) are the only outside input."""
+"""Tests of experiments/data/pipeline.py: batches from Fashion-MNIST (Debian's idx files), synthetic
+tfds data sets in the real on-disk format and image folders; determinism, resume, epoch boundaries,
+host sharding, exact eval, the validation hold-out and smoke subsets. Every data dir is under
+pytest's tmp_path; Debian's Fashion-MNIST files (the `fashion` fixture) are the only outside
+input."""
 
 import os
 import subprocess

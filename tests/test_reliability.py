@@ -255,10 +255,12 @@ def small_disk(tmp_path):
   def mount(size: str) -> str:
     point = tmp_path / f'disk{len(mounted)}'
     point.mkdir()
-    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},nr_inodes=4096', 'tmpfs', str(point)],
+    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},nr_inodes=4096', 'tmpfs',
+                          str(point)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-      pytest.skip(f'cannot mount a tmpfs here to fill a disk: {res.stderr.strip() or res.returncode}')
+      pytest.skip(f'cannot mount a tmpfs here to fill a disk: '
+                  f'{res.stderr.strip() or res.returncode}')
     mounted.append(str(point))
     return str(point)
 

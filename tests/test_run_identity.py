@@ -32,7 +32,8 @@ def test_the_table_refuses_a_second_row_of_a_run_and_replaces_it_when_asked(tmp_
   steptable.append_row(table, _row(seed=0, top1=80.0))
   steptable.append_row(table, _row(seed=1, top1=81.0))          # another seed: another run
   steptable.append_row(table, _row(seed=0, config_hash='bbb'))   # another config: another run
-  with pytest.raises(steptable.DuplicateRun, match=r'resnet50 seed 0 \(config aaa, workdir \?\) \(line 2\)'):
+  with pytest.raises(steptable.DuplicateRun,
+                     match=r'resnet50 seed 0 \(config aaa, workdir \?\) \(line 2\)'):
     steptable.append_row(table, _row(seed=0, top1=99.0))
   assert [r['top1'] for r in steptable.read_rows(table)] == ['80.0', '81.0', '80.0']
   assert steptable.append_row(table, _row(seed=0, top1=99.0), replace=True) == [2]
@@ -50,7 +51,8 @@ def test_show_refuses_two_rows_of_one_run_or_two_configs_of_one_step(tmp_path):
   steptable.append_row(table, _row(seed=1))
   with open(table, 'a') as f:   # written past the writer's check, as an older version could
     f.write(steptable._line(_row(seed=0, top1=70.0)))
-  with pytest.raises(steptable.TableError, match=r'2 rows of one run, resnet50 seed 0 .*lines 2, 4'):
+  with pytest.raises(steptable.TableError,
+                     match=r'2 rows of one run, resnet50 seed 0 .*lines 2, 4'):
     ladder_view.show(str(tmp_path), table)
   res = subprocess.run([sys.executable, '-m', 'experiments.ladder', 'show', '--out',
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -58,7 +60,8 @@ def test_show_refuses_two_rows_of_one_run_or_two_configs_of_one_step(tmp_path):
   other = str(tmp_path / 'two_configs.csv')
   steptable.append_row(other, _row(seed=0, config_hash='aaa', epochs=4))
   steptable.append_row(other, _row(seed=0, config_hash='bbb', epochs=16))
-  with pytest.raises(steptable.TableError, match=r'2 rows of resnet50 seed 0 in one ladder \(lines 2, 3\): several configs'):
+  with pytest.raises(steptable.TableError,
+                     match=r'2 rows of resnet50 seed 0 in one ladder \(lines 2, 3\): several'):
     ladder_view.show(str(tmp_path), other)
 
 

@@ -1,4 +1,5 @@
-"""Training end to end on the smoke option: runs, rows, sharding, multi-process, resume, bad input."""
+"""Training end to end on the smoke option: runs, rows, sharding, multi-process, resume, bad
+input."""
 
 import json
 import os
@@ -108,7 +109,8 @@ def test_one_device_equals_eight_device_mesh(tmp_path):
   off by 0.6% of its scale against float64 (long float32 sums over inputs of one sign), on 8
   devices (shorter partial sums) and in the matmul form (`MODERNIZE_CONV_IMPL=gemm`) by 1e-6
   (open, issue 15)."""
-  # SGD, not Adam: Adam's division by sqrt(v) magnifies reduction-order rounding (engineering notes).
+  # SGD, not Adam: Adam's division by sqrt(v) magnifies reduction-order rounding (engineering
+  # notes).
   one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
   common = [*SGD, '--config.data.test_examples=250']
   run_train(one, 'layer_norm,smoke', *common, env={'JAX_NUM_CPU_DEVICES': '1'})

@@ -4,8 +4,8 @@
   python -m experiments.bench.data --augment paper --workers 2 --steps 400
   python -m experiments.bench.data --image-size 224 --augment paper --large --workers 1 --steps 20
 
-Prints, for each augmentation preset asked for, the images/s of `pipeline.train_batches` consumed as fast
-as possible (the first batches, which include thread start-up, are not timed), and per worker.
+Prints, for each augmentation preset asked for, the images/s of `pipeline.train_batches` consumed as
+fast as possible (the first batches, which include thread start-up, are not timed), and per worker.
 What is timed is the host's part: uint8 batches; the normalisation, Random Erasing and channel
 replication happen on the device (`pipeline.model_input`), and `--on-device` times them too (each
 batch sent to the default device and made a model input there, two in flight).
@@ -13,9 +13,10 @@ batch sent to the default device and made a model input there, two in flight).
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
+from experiments.cli import ArgumentParser, UsageError, guarded, positive
 from experiments.data import datasets, pipeline
 from experiments.data.augment import AugmentConfig
 
@@ -64,26 +65,34 @@ def _device_consumer(name, data_dir, channels):
   return consume
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--data', default='fashion_mnist')
+@guarded
+def main(argv: list[str] | None = None) -> int:
+  parser = ArgumentParser(prog='python -m experiments.bench.data', description=__doc__)
+  parser.add_argument('--data', default='fashion_mnist',
+                      help='a data set name, or folder:PATH (default %(default)s)')
   parser.add_argument('--data-dir', default=None)
-  parser.add_argument('--image-size', type=int, default=None)
-  parser.add_argument('--batch-size', type=int, default=128)
-  parser.add_argument('--channels', type=int, default=None)
+  parser.add_argument('--image-size', type=positive(), default=None)
+  parser.add_argument('--batch-size', type=positive(), default=128)
+  parser.add_argument('--channels', type=int, choices=[1, 3], default=None)
   parser.add_argument('--augment', default='all', choices=['all', 'none', 'standard', 'paper'])
-  parser.add_argument('--steps', type=int, default=200)
+  parser.add_argument('--steps', type=positive(), default=200)
   parser.add_argument('--warmup', type=int, default=5)
   parser.add_argument('--workers', type=int, default=None,
                       help='batch-building threads (default: one per core, at most 8; '
                            '0 = synchronous)')
-  parser.add_argument('--prefetch', type=int, default=2)
+  parser.add_argument('--prefetch', type=positive(), default=2)
   parser.add_argument('--large', action='store_true',
                       help="the presets for large images (random-resized crop), as gpu_check's "
                       'stage d uses them on Fashion-MNIST')
   parser.add_argument('--on-device', action='store_true',
                       help='also send each batch to the default device and make it a model input')
   args = parser.parse_args(argv)
+  if args.warmup < 0 or (args.workers is not None and args.workers < 0):
+    parser.error('--warmup and --workers must be at least 0')
+  try:
+    datasets.validate_name(args.data)
+  except ValueError as e:
+    raise UsageError(f'--data: {e}') from None
 
   start = time.perf_counter()
   datasets.prepare(args.data, args.data_dir)
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f'augment={preset:8s}{crop} batch={args.batch_size} size={args.image_size} '
           f'workers={workers}: {rate:,.0f} images/s, {rate / max(workers, 1):,.0f} per worker'
           f'{where}')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

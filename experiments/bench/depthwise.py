@@ -11,15 +11,18 @@ be noisy: compare numbers from one run.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli import ArgumentParser, guarded, positive
 from modernize import depthwise as dwmod
+
+IMPLS = ("xla", "shift", "native")
 
 DEFAULT_SHAPES = (
   # (N, H, W, C, k, stride)
@@ -63,12 +66,14 @@ def bench(shape, impl, repeats, budget_s):
   return (_time(fwd, (x, kern), repeats, budget_s), _time(fwd_bwd, (x, kern, g), repeats, budget_s))
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--impls", nargs="+", default=["xla", "shift", "native"])
-  ap.add_argument("--repeats", type=int, default=15)
+@guarded
+def main(argv=None) -> int:
+  ap = ArgumentParser(prog="python -m experiments.bench.depthwise", description=__doc__)
+  ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+  ap.add_argument("--repeats", type=positive(), default=15)
   ap.add_argument(
-    "--budget", type=float, default=4.0, help="max seconds of timed calls per (shape, impl, pass)"
+    "--budget", type=positive(float), default=4.0,
+    help="max seconds of timed calls per (shape, impl, pass)"
   )
   args = ap.parse_args(argv)
 
@@ -91,7 +96,8 @@ def main(argv=None):
       sp = f"{base[0] / f:8.1f}{base[1] / fb:8.1f}" if base else ""
       print(f"{label:<24}{impl:<8}{f:10.2f}{fb:12.2f}{sp}")
       label = ""
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -42,7 +42,11 @@ On the lent GPU machine (Python 3.12, jax 0.11 with CUDA, torch, timm; no ml_col
 network), from the repository root with carry = ['.whl', '.data'] (wheels of ml_collections and of
 the flax / optax / orbax-checkpoint versions tested here; the four Fashion-MNIST files):
 
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/ml_collections-*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MODERNIZE_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist && python3 -m experiments.bench.gpu_check --out $OUT
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/ml_collections-*.whl && \
+    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \
+      MODERNIZE_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist && \
+    python3 -m experiments.bench.gpu_check --out $OUT
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import tempfile
 import time
 
 from experiments import outputs
-from experiments.cli import UsageError, guarded
+from experiments.cli import ArgumentParser, UsageError, guarded, names
 
 ROOT = outputs.REPOSITORY
 STAGES = ('a', 'b', 'c', 'd')
@@ -226,8 +230,8 @@ def markdown(data: dict) -> str:
 # --- stage workers (subprocesses: a crash or a hung GPU costs one stage, not the run) -----------
 
 def _stream(stage: str, extra: list[str], timeout: float, on_case) -> str | None:
-  """Runs `python -m experiments.bench.gpu_check --worker STAGE ...`, handing every JSON line it prints
-  to on_case; returns an error line, or None."""
+  """Runs `python -m experiments.bench.gpu_check --worker STAGE ...`, handing every JSON line it
+  prints to on_case; returns an error line, or None."""
   cmd = [sys.executable, '-m', 'experiments.bench.gpu_check', '--worker', stage, *extra]
   log = tempfile.TemporaryFile(mode='w+')
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -541,7 +545,7 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
 # --- the run --------------------------------------------------------------------------------------
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog='python -m experiments.bench.gpu_check', description=__doc__)
   p.add_argument('--out', help='directory for gpu_check.json and gpu_check.md')
   p.add_argument('--stages', default='a,b,c,d', help='comma-separated subset of a,b,c,d')
   p.add_argument('--dry-run', action='store_true', help='tiny sizes on the CPU, same code paths')
@@ -567,24 +571,17 @@ def main(argv=None) -> int:
     {'env': lambda: worker_env(), 'c': lambda: worker_c(conf, args.budget),
      'd': lambda: worker_d(conf, args.budget)}[args.worker]()
     return 0
-  stages = [s.strip() for s in args.stages.split(',') if s.strip()]
-  bad = sorted(set(stages) - set(STAGES))
-  if bad or not stages:
-    raise UsageError(f'--stages: unknown stage(s) {bad or stages}; choose from a,b,c,d')
+  stages = names(args.stages, STAGES, 'stage', '--stages')
+  if not stages:
+    raise UsageError('--stages: give at least one of a,b,c,d')
   if not args.out:
     raise UsageError('--out DIR is required')
-  variants = [v.strip() for v in args.b_variants.split(',') if v.strip()]
-  bad = sorted(set(variants) - set(VARIANTS))
-  if bad or not variants:
-    raise UsageError(f"--b-variants: unknown variant(s) {bad or variants}; choose from "
-                     f"{','.join(VARIANTS)}")
-  b_steps = [v.strip() for v in (args.b_steps or '').split(',') if v.strip()]
-  if b_steps:
-    from experiments.bench.timing import TIMM_EQUIVALENT
-    bad = sorted(set(b_steps) - set(TIMM_EQUIVALENT))
-    if bad:
-      raise UsageError(f"--b-steps: no timm counterpart for {bad}; choose from "
-                       f"{','.join(TIMM_EQUIVALENT)}")
+  variants = names(args.b_variants, VARIANTS, 'variant', '--b-variants')
+  if not variants:
+    raise UsageError(f"--b-variants: give at least one of {','.join(VARIANTS)}")
+  from experiments.bench.timing import TIMM_EQUIVALENT
+  b_steps = names(args.b_steps, TIMM_EQUIVALENT, 'step with a timm counterpart',
+                  '--b-steps')
   for s in STAGES:
     if getattr(args, f'budget_{s}') <= 0:
       raise UsageError(f'--budget-{s} must be positive')

@@ -1,13 +1,13 @@
 """Training-step throughput of the ladder's networks in JAX, side by side with PyTorch/timm.
 
-  python -m experiments.bench                       # ResNet-50 and ConvNeXt-T, batch 32, 32x32 and 64x64
+  python -m experiments.bench                  # ResNet-50 and ConvNeXt-T, batch 32, 32x32 and 64x64
   python -m experiments.bench --steps all --shapes 32x32,64x64 --json > bench.jsonl
   python -m experiments.bench --steps resnet50 --shapes 224x224          # batch 8 at 224x224
 
 For every ladder step and input shape it measures one training step (forward, backward, AdamW with
 the enhanced recipe's masked weight decay), jitted over the `nnx.split` state with donated buffers
-by `experiments.training.state.make_train_step` (mixing and label smoothing off, drop path 0, as timm's
-defaults), on random data already in memory. Where timm has the same network (ResNet-50, the
+by `experiments.training.state.make_train_step` (mixing and label smoothing off, drop path 0, as
+timm's defaults), on random data already in memory. Where timm has the same network (ResNet-50, the
 enhanced-recipe ResNet-50, ResNet with (3, 3, 9, 3) blocks, ConvNeXt-T), the timm model is trained
 the same way in PyTorch (train mode, AdamW with the same decay mask, `torch.set_num_threads(2)`,
 channels_last or contiguous, whichever is faster). The steps from the patchify stem up to the
@@ -20,9 +20,9 @@ resident memory. The table also gives the ratio JAX/timm (and its range over the
 machine's float32 matmul rate (a 2048^3 `jnp.dot`), each model's achieved training FLOP rate
 (3 x forward MACs x 2 per image) as a fraction of it, and, for the CPU ladder's configuration
 (configs/ladder.py, scale 'cpu': batch 128, 32x32, 1 channel, each step's own recipe), the
-training images/s beside the input pipeline's (`experiments.data.pipeline.train_batches` with the enhanced
-recipe's augmentation), alternating the same way. Timings on a shared machine are noisy: compare
-the ratios measured in one run. Not a test: nothing here asserts a speed.
+training images/s beside the input pipeline's (`experiments.data.pipeline.train_batches` with the
+enhanced recipe's augmentation), alternating the same way. Timings on a shared machine are noisy:
+compare the ratios measured in one run. Not a test: nothing here asserts a speed.
 
 Both workers start with `experiments.runtime.keep_freed_memory()` (as the trainer does); pass
 --no-malloc-tuning to measure glibc's defaults.
@@ -40,10 +40,13 @@ import sys
 import tempfile
 import time
 
+from experiments.cli import ArgumentParser, guarded, names
+
 DEFAULT_STEPS = 'resnet50,convnext_t'
 DEFAULT_SHAPES = '32x32,64x64'
 NUM_CLASSES = 10
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 # Ladder steps with an identical timm network (the enhanced recipe changes only the init).
 TIMM_EQUIVALENT = {
@@ -117,7 +120,8 @@ def _peak_memory() -> dict:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   with open('/proc/self/statm') as f:
     rss_pages = int(f.read().split()[1])
-  return {'peak_rss_mb': usage.ru_maxrss / 1024, 'rss_mb': rss_pages * os.sysconf('SC_PAGE_SIZE') / 2**20}
+  return {'peak_rss_mb': usage.ru_maxrss / 1024,
+          'rss_mb': rss_pages * os.sysconf('SC_PAGE_SIZE') / 2**20}
 
 
 class _JaxWorker:
@@ -621,7 +625,8 @@ def print_markdown(records, out) -> None:
         continue
       j, t = r['jax'], r.get('torch')
       torch_mm = f"{100 * t['matmul_fraction']:.0f}%" if t else '-'
-      p(f"| {r['step']} | {shape} | {_fmt_rate(j)} | {_fmt_rate(t)} | {_ratio_cell(r, bold=True)} | "
+      p(f"| {r['step']} | {shape} | {_fmt_rate(j)} | {_fmt_rate(t)} | "
+        f"{_ratio_cell(r, bold=True)} | "
         f"{100 * j['matmul_fraction']:.0f}% | {torch_mm} | {j['compile_s']:.1f} s | "
         f"{_peak_cell(r)} |")
   ladder = [r for r in records if r['kind'] == 'cpu_ladder']
@@ -642,8 +647,9 @@ def print_markdown(records, out) -> None:
       f"{_fmt_rate(r)} images/s, {r['data_over_train']:.1f}x the fastest step's training.")
 
 
+@guarded
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog='python -m experiments.bench', description=__doc__)
   parser.add_argument('--steps', default=DEFAULT_STEPS,
                       help="comma-separated ladder steps, or 'all' (default: %(default)s)")
   parser.add_argument('--shapes', default=DEFAULT_SHAPES,
@@ -686,19 +692,16 @@ def main(argv=None) -> int:
     render(records, sys.stdout)
     return 0
   from modernize import LADDER
-  from modernize.config import ConfigError
-  steps = LADDER.names() if args.steps == 'all' else [s.strip() for s in args.steps.split(',')]
-  for s in steps:
-    try:
-      LADDER.step(s)
-    except ConfigError as e:
-      parser.error(f'--steps: {e}')
+  steps = LADDER.names() if args.steps == 'all' else names(args.steps, LADDER.names(), 'step',
+                                                           '--steps')
+  if not steps:
+    parser.error('--steps: give at least one step')
   if args.batch is not None and args.batch < 1:
     parser.error(f'--batch: must be at least 1, got {args.batch}')
   if args.rounds < 1 or args.round_seconds <= 0 or args.torch_threads < 1:
     parser.error('--rounds and --torch-threads must be at least 1, --round-seconds positive')
   sizes = []
-  for shape in args.shapes.split(','):
+  for shape in names(args.shapes) or ['']:
     h, _, w = shape.strip().partition('x')
     if not w or h != w or not h.isdigit() or int(h) < 8:
       parser.error(f'--shapes: {shape!r} is not a square HxW size of at least 8x8')

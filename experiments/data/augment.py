@@ -6,28 +6,29 @@ Design:
   geometric RandAugment ops, which are PIL's C `Image.transform` per image (~10x faster than a numpy
   gather at 224px, and it releases the GIL). RandAugment groups the images of a batch
   by the op they drew and applies each op once per group. For 28x28 / 32x32 images this is 10-50x
-  faster than a per-image Python loop (numpy call overhead dominates small images), and numpy releases
-  the GIL on large arrays, so ImageNet-sized batches parallelise over threads.
-* **Stateless RNG.** Every random number is a hash of (seed, global example position, stream, counter)
-  (splitmix64's finaliser, see `example_keys` / `uniform`). An image's augmentation is therefore a pure
-  function of where it sits in the global training stream, independent of the batch it lands in, of
-  the host count, and of what was computed before: resuming at any step is exact and free. Each
-  augmentation draws from its own stream, so switching one on does not change the others' draws.
+  faster than a per-image Python loop (numpy call overhead dominates small images), and numpy
+  releases the GIL on large arrays, so ImageNet-sized batches parallelise over threads.
+* **Stateless RNG.** Every random number is a hash of (seed, global example position, stream,
+  counter) (splitmix64's finaliser, see `example_keys` / `uniform`). An image's augmentation is
+  therefore a pure function of where it sits in the global training stream, independent of the batch
+  it lands in, of the host count, and of what was computed before: resuming at any step is exact and
+  free. Each augmentation draws from its own stream, so switching one on does not change the others'
+  draws.
 * **Semantics follow the recipe of the ConvNeXt paper** (timm's `create_transform` as used by the
-  official code): RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 tries then a centre crop),
-  horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` (2 layers, each op applied with p 0.5, magnitude
-  ~ N(9, 0.5) clipped to [0, 10], the 'increasing' op set), and, after normalisation, Random Erasing
-  (p 0.25, mode 'pixel': per-pixel N(0, 1) noise, area (0.02, 1/3), aspect (0.3, 1/0.3), one box;
-  the boxes and a noise key per image are drawn here, `erasing_params`, and the erasing happens on
-  the device, `pipeline.model_input`). The pixel ops are our own numpy code, checked against PIL's
-  ImageOps / ImageEnhance (which timm's ops call): equal, or within 1 grey level; the warps are
-  PIL's Image.transform itself, with the matrices timm's ops build. Magnitudes map to arguments
-  as in timm's increasing variant:
+  official code): RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 tries then a centre
+  crop), horizontal flip, RandAugment `rand-m9-mstd0.5-inc1` (2 layers, each op applied with p 0.5,
+  magnitude ~ N(9, 0.5) clipped to [0, 10], the 'increasing' op set), and, after normalisation,
+  Random Erasing (p 0.25, mode 'pixel': per-pixel N(0, 1) noise, area (0.02, 1/3), aspect
+  (0.3, 1/0.3), one box; the boxes and a noise key per image are drawn here, `erasing_params`, and
+  the erasing happens on the device, `pipeline.model_input`). The pixel ops are our own numpy code,
+  checked against PIL's ImageOps / ImageEnhance (which timm's ops call): equal, or within 1 grey
+  level; the warps are PIL's Image.transform itself, with the matrices timm's ops build. Magnitudes
+  map to arguments as in timm's increasing variant:
   rotate 30 deg, shear 0.3, translate 0.45 x image size, enhance factors 1 +- 0.9, posterize
-  4 -> 0 bits kept (so posterize at magnitude 0 still keeps only 4 bits, as in timm), solarize threshold
-  256 -> 0, solarize-add 0 -> 110. Geometric RandAugment ops sample bilinearly (timm uses the
-  configured interpolation, bicubic in the ConvNeXt code) and fill with the data set mean colour.
-  Resizing is PIL's antialiased bicubic `Image.resize(box=)` itself.
+  4 -> 0 bits kept (so posterize at magnitude 0 still keeps only 4 bits, as in timm), solarize
+  threshold 256 -> 0, solarize-add 0 -> 110. Geometric RandAugment ops sample bilinearly (timm uses
+  the configured interpolation, bicubic in the ConvNeXt code) and fill with the data set mean
+  colour. Resizing is PIL's antialiased bicubic `Image.resize(box=)` itself.
 * **Grayscale.** Ops work for any channel count: colour (saturation) is the identity on one channel,
   contrast uses the mean luma (the mean itself for one channel). The data pipeline runs these ops on
   the stored channels and replicates a grayscale image to 3 channels only after normalisation.
@@ -122,8 +123,8 @@ class AugmentConfig:
   random_resized_crop: Inception-style crop (scale, ratio) resized to the output size.
   random_crop_pad: pad by this many output pixels (zeros) and crop back at a random offset; 0 = off.
   hflip: random horizontal flip (p 0.5).
-  randaugment_n / _m / _mstd / _prob: RandAugment layers (0 = off), magnitude (0..10), magnitude noise
-    std, and the probability that a drawn op is applied (timm: 0.5).
+  randaugment_n / _m / _mstd / _prob: RandAugment layers (0 = off), magnitude (0..10), magnitude
+    noise std, and the probability that a drawn op is applied (timm: 0.5).
   random_erasing_prob: Random Erasing probability (mode 'pixel', after normalisation); 0 = off.
   """
   random_resized_crop: bool = False
@@ -160,7 +161,8 @@ class AugmentConfig:
 
   @classmethod
   def paper(cls, large: bool) -> AugmentConfig:
-    """Table 5 of the ConvNeXt paper: standard crop + flip, RandAugment (9, 0.5), Random Erasing 0.25.
+    """Table 5 of the ConvNeXt paper: standard crop + flip, RandAugment (9, 0.5), Random Erasing
+    0.25.
 
     (Mixup, CutMix and label smoothing belong to the trainer.)
     """
@@ -250,8 +252,8 @@ def random_resized_crop_boxes(keys: np.ndarray, height, width,
                               attempts: int = 10) -> np.ndarray:
   """torchvision's RandomResizedCrop.get_params, vectorised: (B, 4) integer (top, left, h, w).
 
-  Up to `attempts` random (area, log-aspect) draws; the first that fits wins; otherwise a centre crop
-  with the aspect ratio clamped to `ratio`.
+  Up to `attempts` random (area, log-aspect) draws; the first that fits wins; otherwise a centre
+  crop with the aspect ratio clamped to `ratio`.
   """
   b = len(keys)
   height = np.broadcast_to(np.asarray(height, np.float64), (b,))[:, None]
@@ -283,7 +285,8 @@ def random_resized_crop_boxes(keys: np.ndarray, height, width,
 
 
 def random_crop_pad(images: np.ndarray, keys: np.ndarray, pad: int, fill: int = 0) -> np.ndarray:
-  """Pads each image by `pad` pixels (value `fill`) and crops back to its size at a random offset."""
+  """Pads each image by `pad` pixels (value `fill`) and crops back to its size at a random
+  offset."""
   if pad <= 0:
     return images
   b, h, w, _ = images.shape
@@ -309,7 +312,7 @@ def random_hflip(images: np.ndarray, keys: np.ndarray) -> np.ndarray:
   return out
 
 
-# --- RandAugment ops (batched; per-image parameters of shape (B,)) ---------------------------------
+# --- RandAugment ops (batched; per-image parameters of shape (B,)) --------------------------------
 
 MAX_LEVEL = 10.0
 
@@ -498,16 +501,12 @@ def shear_x(x: np.ndarray, shear, fill) -> np.ndarray:
   return affine(x, shear_x_matrices(len(x), shear), fill)
 
 
-def shear_y(x: np.ndarray, shear, fill) -> np.ndarray:
-  return affine(x, shear_y_matrices(len(x), shear), fill)
 
 
 def translate_x(x: np.ndarray, pixels, fill) -> np.ndarray:
   return affine(x, translate_x_matrices(len(x), pixels), fill)
 
 
-def translate_y(x: np.ndarray, pixels, fill) -> np.ndarray:
-  return affine(x, translate_y_matrices(len(x), pixels), fill)
 
 
 # --- RandAugment ----------------------------------------------------------------------------------
@@ -550,7 +549,8 @@ RANDAUGMENT_OPS: dict[str, RandAugmentOp] = {
     'Invert': lambda x, m, s, fill: invert(x),
     'Rotate': _geometric_op('Rotate'),
     'PosterizeIncreasing': lambda x, m, s, fill: posterize(x, 4 - (m / MAX_LEVEL * 4).astype(int)),
-    'SolarizeIncreasing': lambda x, m, s, fill: solarize(x, 256 - (m / MAX_LEVEL * 256).astype(int)),
+    'SolarizeIncreasing': lambda x, m, s, fill: solarize(
+        x, 256 - (m / MAX_LEVEL * 256).astype(int)),
     'SolarizeAdd': lambda x, m, s, fill: solarize_add(x, (m / MAX_LEVEL * 110).astype(int)),
     'ColorIncreasing': lambda x, m, s, fill: color(x, _enhance_factor(m, s)),
     'ContrastIncreasing': lambda x, m, s, fill: contrast(x, _enhance_factor(m, s)),
@@ -617,7 +617,7 @@ def rand_augment(images: np.ndarray, keys: np.ndarray, n: int = 2, m: float = 9.
   return out
 
 
-# --- Random Erasing (on normalised float images) ---------------------------------------------------
+# --- Random Erasing (on normalised float images) --------------------------------------------------
 
 def erasing_boxes(keys: np.ndarray, height: int, width: int, prob: float,
                   area=(0.02, 1.0 / 3.0), min_aspect: float = 0.3, attempts: int = 10):
@@ -646,7 +646,8 @@ def erasing_params(keys: np.ndarray, height: int, width: int, prob: float,
   """Random Erasing as batch data for the device (`pipeline.model_input` erases there):
   'erase_box' int32 (B, 4) (top, left, height, width), all zero where the image is not erased, and
   'erase_key' uint32 (B, 2), the threefry key of the image's noise: the hash
-  (key, STREAM_ERASE_NOISE) split into its high and low words. Both are pure functions of the example keys."""
+  (key, STREAM_ERASE_NOISE) split into its high and low words. Both are pure functions of the
+  example keys."""
   boxes, erase = erasing_boxes(keys, height, width, prob, area, min_aspect)
   boxes = np.where(erase[:, None], boxes, 0).astype(np.int32)
   h = random_bits(keys, STREAM_ERASE_NOISE, 1)[:, 0]

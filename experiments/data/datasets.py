@@ -23,11 +23,11 @@ Splits are 'train', 'test' and, with `validation=N` (> 0), 'validation': N train
 out of 'train' (see `split_indices`).
 
 Preparation is idempotent, atomic and safe under concurrency: `prepare` takes an exclusive file lock
-(DATA_DIR/.NAME.prepare.lock) and checks again under it, so processes (or hosts on a shared data dir)
-preparing at once all end well, one of them doing the work. A multi-host trainer also lets process 0
-prepare first and holds the others at a barrier (experiments.train). A data dir on gs:// is read
-from, never prepared into (an object store has no file locks): copy a data set prepared elsewhere
-there; its ArrayRecord files are read through array_record's own GCS reader.
+(DATA_DIR/.NAME.prepare.lock) and checks again under it, so processes (or hosts on a shared data
+dir) preparing at once all end well, one of them doing the work. A multi-host trainer also lets
+process 0 prepare first and holds the others at a barrier (experiments.train). A data dir on gs://
+is read from, never prepared into (an object store has no file locks): copy a data set prepared
+elsewhere there; its ArrayRecord files are read through array_record's own GCS reader.
 
 Small data sets are held whole in memory as uint8 arrays (`load_arrays`); large ones and image
 folders are read by index as encoded images (`record_source`).
@@ -48,6 +48,7 @@ import threading
 import numpy as np
 
 from experiments import outputs
+from experiments.cli import ArgumentParser, UsageError, guarded
 
 __all__ = [
     'DataInfo', 'DatasetUnavailable', 'DATASETS', 'FASHION_MNIST_FILES', 'default_data_dir',
@@ -70,8 +71,9 @@ FOLDER_PREFIX = 'folder:'
 _VALIDATION_KEY = 20220110   # the paper's arXiv date
 
 
-class DatasetUnavailable(Exception):
-  """The data set is not here and cannot be prepared now; the message says how to get it."""
+class DatasetUnavailable(UsageError):
+  """The data set is not here and cannot be prepared now; the message says how to get it (an
+  expected failure: one line, exit code 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +396,7 @@ class _FileSource:
     return self._files[int(index)]
 
 
-# --- TensorFlow / tfds (preparation only; reading needs neither) -----------------------------------
+# --- TensorFlow / tfds (preparation only; reading needs neither) ----------------------------------
 
 _TF_LOCK = threading.Lock()
 _TF_CONFIGURED = False
@@ -430,7 +432,8 @@ def _tfds():
   """tensorflow_datasets, imported without TensorFlow; DatasetUnavailable if not installed."""
   if 'importlib_resources' not in sys.modules:
     try:
-      import importlib_resources  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401  (imported to see whether it can be)
+      # Imported to see whether it can be.
+      import importlib_resources  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       # tfds 4.9 uses the importlib_resources backport (without declaring it) to locate a
       # builder's code; the standard library's module has the same API on Python >= 3.11.
@@ -773,10 +776,10 @@ def make_fake_dataset(name: str, data_dir: str | os.PathLike, *, num_train: int 
 
 # --- command line ---------------------------------------------------------------------------------
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog='python -m experiments.data',
-                                   description='Prepare or describe a data set.')
+  parser = ArgumentParser(prog='python -m experiments.data',
+                          description='Prepare or describe a data set.')
   parser.add_argument('command', choices=['prepare', 'info'])
   parser.add_argument('name', help='fashion_mnist, cifar10, cifar100, imagenette, imagenet2012 '
                                    'or folder:PATH')
@@ -786,14 +789,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--manual-dir', default=None, help='imagenet2012: where the tars are')
   args = parser.parse_args(argv)
   try:
-    if args.command == 'prepare':
-      print(prepare(args.name, args.data_dir, download=args.download or None,
-                    manual_dir=args.manual_dir))
-    else:
-      print(info(args.name, args.data_dir))
-  except DatasetUnavailable as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    validate_name(args.name)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if args.command == 'prepare':
+    print(prepare(args.name, args.data_dir, download=args.download or None,
+                  manual_dir=args.manual_dir))
+  else:
+    print(info(args.name, args.data_dir))
   return 0
 
 

@@ -1,4 +1,5 @@
-"""Input pipeline: a data set (experiments.data.datasets) -> deterministic, resumable, per-host batches.
+"""Input pipeline: a data set (experiments.data.datasets) -> deterministic, resumable, per-host
+batches.
 
 * **Index-based sampling.** The global training stream is a pure function of the seed: position g
   (= step * global_batch + offset) holds training example permutation(seed, g // N)[g % N], and
@@ -11,9 +12,9 @@
 * **Transforms** (numpy and PIL; no TensorFlow). Train: random-resized-crop (or resize +
   pad-and-crop for small images), flip, RandAugment on uint8 (its warps in PIL's C code), and the
   Random Erasing boxes; eval: resize the shorter side to image_size / crop_pct, centre crop
-  (crop_pct 0.875 for the ImageNet-like sets, 1.0 otherwise). Encoded images (JPEG / PNG) are decoded and
-  crop-resized with PIL (bicubic, antialiased, as timm / torchvision do). RGB images fed to a
-  1-channel model become luma.
+  (crop_pct 0.875 for the ImageNet-like sets, 1.0 otherwise). Encoded images (JPEG / PNG) are
+  decoded and crop-resized with PIL (bicubic, antialiased, as timm / torchvision do). RGB images fed
+  to a 1-channel model become luma.
 * **uint8 on the wire.** Batches carry uint8 images (4x fewer bytes than float32; grayscale as one
   channel, 12x fewer than float32 RGB). `model_input(batch, input_spec(...))`, inside the jitted
   steps, normalises, erases (the noise from a per-image key in the batch) and replicates grayscale
@@ -24,8 +25,8 @@
 * **Validation.** `validation=N` holds N training examples out of training
   (`datasets.split_indices`); `eval_batches(split='validation')` evaluates exactly those.
 * **Eval is exact on any device count.** Global eval batch k covers positions
-  [k * P * B, (k + 1) * P * B); every host yields the same number of batches; rows past the end of the
-  split are zeros with mask False.
+  [k * P * B, (k + 1) * P * B); every host yields the same number of batches; rows past the end of
+  the split are zeros with mask False.
 """
 
 from __future__ import annotations
@@ -400,13 +401,13 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
   Yields {'image': uint8 (batch_size, image_size, image_size, c), 'label': int32 (batch_size,)}
   (c: 1 for grayscale data or a 1-channel model, else 3), with Random Erasing on also 'erase_box'
   and 'erase_key' (`augment.erasing_params`); `model_input` makes the model's float32 input.
-  `batch_size` is per host; the global batch is batch_size * process_count. A pure function of (name, seed, step, process_index, process_count,
-  augment, validation[, num_examples]): `start_step=s` yields exactly what an unbroken iterator
-  yields from step s on. validation: training examples held out (never trained on). num_examples:
-  train on the first num_examples of the (remaining) split only (smoke runs); None = all.
-  num_workers: batch-building threads (None: `default_workers()`; 0: synchronous); prefetch:
-  batches computed ahead beyond one per worker. Loading happens now (DatasetUnavailable is raised
-  here).
+  `batch_size` is per host; the global batch is batch_size * process_count. A pure function of
+  (name, seed, step, process_index, process_count, augment, validation[, num_examples]):
+  `start_step=s` yields exactly what an unbroken iterator yields from step s on. validation:
+  training examples held out (never trained on). num_examples: train on the first num_examples of
+  the (remaining) split only (smoke runs); None = all. num_workers: batch-building threads (None:
+  `default_workers()`; 0: synchronous); prefetch: batches computed ahead beyond one per worker.
+  Loading happens now (DatasetUnavailable is raised here).
   """
   info = datasets.info(name, data_dir)
   transform = _make_transform(info, image_size, channels, None, augment)

@@ -1,4 +1,5 @@
-"""`python -m experiments.ladder calibrate`: choose a recipe's short-run settings on a validation split.
+"""`python -m experiments.ladder calibrate`: choose a recipe's short-run settings on a validation
+split.
 
   python -m experiments.ladder calibrate --out runs/calibrate/enhanced --recipe enhanced \
       --grid optimizer.base_lr=1e-3,2e-3,4e-3 --grid optimizer.warmup_epochs=20,50 \
@@ -8,7 +9,8 @@ For one recipe, every combination of the --grid values is trained on the ladder'
 steps of that recipe only (original: `resnet50`; enhanced: `enhanced_recipe` and the ladder's last
 adopted step), never on the steps in between, with `data.validation` examples held out of training.
 A FIELD with a dot is a config field (`--config.FIELD=V`); one without is a config option after the
-step name (e.g. `layer_scale_init`, applied only to the steps that have LayerScale). A combination's score is its mean validation top-1 over those steps and seeds; the best one is
+step name (e.g. `layer_scale_init`, applied only to the steps that have LayerScale). A
+combination's score is its mean validation top-1 over those steps and seeds; the best one is
 chosen. The test split takes no part in the choice: the output files do not even show it.
 
 Writes OUT/trials.jsonl (one line per trained (setting, step, seed): validation top-1 and loss) and
@@ -50,7 +52,8 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     field = field.strip()
     choices = [v.strip() for v in values.split(',') if v.strip()]
     if not sep or not re.fullmatch(r'[A-Za-z_][\w.]*', field) or not choices:
-      raise UsageError(f'--grid {item!r}: expected FIELD=V1,V2,... (e.g. optimizer.base_lr=1e-3,2e-3)')
+      raise UsageError(f'--grid {item!r}: expected FIELD=V1,V2,... '
+                       '(e.g. optimizer.base_lr=1e-3,2e-3)')
     if field in dict(grid):
       raise UsageError(f'--grid {field} given twice')
     grid.append((field, choices))

@@ -7,6 +7,7 @@
   python -m experiments.ladder show --out DIR [--table PATH]
   python -m experiments.ladder calibrate --out DIR --recipe original|enhanced --validation N
                                          --grid field=v1,v2 [--grid ...] [--seeds N] [--options ...]
+  python -m experiments.ladder compare A B [--out DIR] [--labels A,B]
 
 `steps` prints every step's parameters and multiply-accumulates (GMACs, the paper's "FLOPs") at
 224x224 with 1000 classes, beside the paper's GFLOPs and ImageNet top-1 (Tables 10 and 11);
@@ -19,25 +20,24 @@ references Swin-T and ViT-S/16 (`swin_t`, `vit_s`), trained under the enhanced r
 options, and `show` draws them as reference lines beside the paper's figures. `show` renders
 DIR/steps.csv as DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the
 change from the previous adopted step, whether it is beyond 2 standard errors, and whether it
-agrees in sign with the paper).
+agrees in sign with the paper). `compare` sets two ladders of one config (two budgets, scales or
+data sets) side by side, change by change (experiments/ladder/compare.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from experiments import outputs
-from experiments.cli import UsageError, guarded
+from experiments.cli import ArgumentParser, UsageError, guarded, names
 from experiments.ladder import steps as profiles
 from modernize import ladder as ladders
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m experiments.ladder', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog='python -m experiments.ladder', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   steps = sub.add_parser('steps', help='params and GMACs of every step beside the paper')
   steps.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
@@ -90,10 +90,28 @@ def main(argv: list[str] | None = None) -> int:
   view.add_argument('--out', required=True)
   view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
   view.add_argument('--note', default='', help="a line under every title (e.g. 'not at plateau')")
+  cmp = sub.add_parser('compare', help='two ladders of one config side by side, change by change '
+                       '(e.g. two budgets): OUT/compare.json, .md, .png')
+  cmp.add_argument('a', help='step table (CSV) or a folder holding steps.csv: ladder A')
+  cmp.add_argument('b', help='the same for ladder B')
+  cmp.add_argument('--out', default=None, help="where to write (default: B's folder)")
+  cmp.add_argument('--labels', default=None, metavar='A,B',
+                   help='names of the two ladders (default: data, scale, size and epochs)')
   args = parser.parse_args(argv)
   out = getattr(args, 'out', None)
   if out and outputs.remote_problem(out):
     raise UsageError(f'--out {out} {outputs.remote_problem(out)}')
+
+  if args.command == 'compare':
+    from experiments.ladder import compare  # pylint: disable=import-outside-toplevel
+    labels = names(args.labels) if args.labels else None
+    if labels is not None and len(labels) != 2:
+      raise UsageError(f'--labels {args.labels!r}: give two names, A,B')
+    result, written = compare.run(args.a, args.b, args.out, tuple(labels) if labels else None)
+    print(compare.markdown(result))
+    for path in written:
+      print(f'wrote {path}')
+    return 0
 
   if args.command == 'calibrate':
     from experiments.ladder import calibrate  # pylint: disable=import-outside-toplevel
@@ -116,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     if args.command == 'run' and args.plateau_check:
       result = ladder_run.plateau_check(
-          args.out, ladder_name=args.ladder, steps=[s for s in args.steps.split(',') if s] or None,
+          args.out, ladder_name=args.ladder, steps=names(args.steps) or None,
           seeds=args.seeds, options=args.options, overrides=args.set, isolate=args.isolate,
           jobs=args.jobs)
       print(ladder_run.format_plateau(result))
@@ -124,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     if args.command == 'run':
       ladder_run.run(args.out, ladder_name=args.ladder,
-                     steps=[s for s in args.steps.split(',') if s] or None, seeds=args.seeds,
+                     steps=names(args.steps) or None, seeds=args.seeds,
                      side=args.side, options=args.options, overrides=args.set,
                      isolate=args.isolate, jobs=args.jobs, references=args.references)
     if args.command == 'show' or args.show:

@@ -186,9 +186,9 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   small runs side by side train more images per second than one run on both).
 
   Several ladders may work on one OUT at once: a run is trained by the process that claims its
-  workdir (experiments/training/workdir.py); the others skip it, train what is unclaimed, and then wait
-  until the claimed runs are in the table (or their claim is dropped: a crashed process's run is
-  then trained here). Each (step, seed) gets one row."""
+  workdir (experiments/training/workdir.py); the others skip it, train what is unclaimed, and then
+  wait until the claimed runs are in the table (or their claim is dropped: a crashed process's run
+  is then trained here). Each (step, seed) gets one row."""
   if jobs < 1:
     raise UsageError(f'--jobs must be at least 1, got {jobs}')
   groups = core_groups(jobs)
@@ -285,14 +285,16 @@ PLATEAU_STEPS = ('resnet50', 'enhanced_recipe', 'convnext_t')
 def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
                   seeds: int = 1, options: str = '', overrides: list[str] = (),
                   isolate: bool = False, factor: float = 2.0, jobs: int = 1) -> dict:
-  """Trains `steps` (default: the ladder's first step, the first of the enhanced recipe and the last)
-  as configured (OUT/1x) and `factor` times as long (OUT/2x); returns and writes OUT/plateau.json:
-  per step the mean (and std) test and validation top-1 at both lengths and their difference."""
+  """Trains `steps` (default: the ladder's first step, the first of the enhanced recipe and the
+  last) as configured (OUT/1x) and `factor` times as long (OUT/2x); returns and writes
+  OUT/plateau.json: per step the mean (and std) test and validation top-1 at both lengths and their
+  difference."""
   if any(o.partition('=')[0].strip() in ('epochs', 'length') for o in overrides):
     raise UsageError('--plateau-check doubles the training length through the config: give it '
                      'as the option epochs=X in --options, not as --set epochs=X')
   steps = list(steps or PLATEAU_STEPS)
-  lengths = {'1x': options, f'{factor:g}x': ','.join(o for o in (options, f'longer={factor:g}') if o)}
+  longer = ','.join(o for o in (options, f'longer={factor:g}') if o)
+  lengths = {'1x': options, f'{factor:g}x': longer}
   for name, opts in lengths.items():
     print(f'plateau check: {name}', flush=True)
     run(os.path.join(out, name), ladder_name=ladder_name, steps=steps, seeds=seeds, options=opts,
@@ -323,7 +325,9 @@ def format_plateau(result: dict) -> str:
            f'{"val 1x":>7} {"val " + long_name:>7} {"change":>7}   (mean over {result["seeds"]} '
            'seed(s))']
   def cell(v, width, signed=False):
-    return f'{"":>{width}}' if v is None else (f'{v:>+{width}.2f}' if signed else f'{v:>{width}.2f}')
+    if v is None:
+      return f'{"":>{width}}'
+    return f'{v:>+{width}.2f}' if signed else f'{v:>{width}.2f}'
   for step, e in result['steps'].items():
     lines.append(f'{step:<18} {cell(e["epochs_1x"], 7)} {cell(e["top1_1x"], 9)} '
                  f'{cell(e["top1_" + long_name], 9)} {cell(e["top1_change"], 7, True)} '

@@ -140,7 +140,8 @@ def _on_device(batches: Iterator[dict], sharding, ahead: int = 2) -> Iterator[di
 
 
 def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
-  """The losses of the steps up to `done` (host values), or TrainingDiverged at the first bad one."""
+  """The losses of the updates up to `done` (host values), or TrainingDiverged at the first bad
+  one."""
   losses = np.asarray(jax.device_get(window))
   bad = ~np.isfinite(losses)
   if bad.any():

@@ -164,9 +164,11 @@ def validate(config, workdir: str | None = None) -> None:
     raise UsageError('; '.join(problems))
 
 
-def parse_flags(argv):
-  """(config, flag values) from a trainer command line (argv[0] is the program); UsageError on
-  bad flags. The ladder runner resolves its configs through here, exactly as the trainer does."""
+HELP_FLAGS = ('-h', '--help', '--helpfull')
+
+
+def _flag_values(argv):
+  """The trainer's flags, defined (argv: for the --config.FIELD overrides it holds)."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -189,6 +191,20 @@ def parse_flags(argv):
                        flag_values=flag_values)
   flags.DEFINE_integer('process_id', None, 'this process (with --coordinator)',
                        flag_values=flag_values)
+  return flag_values
+
+
+def flags_help() -> str:
+  """The trainer's flags, described (for --help)."""
+  return _flag_values(['train']).get_help()
+
+
+def parse_flags(argv):
+  """(config, flag values) from a trainer command line (argv[0] is the program); UsageError on
+  bad flags. The ladder runner resolves its configs through here, exactly as the trainer does."""
+  from absl import flags
+
+  flag_values = _flag_values(argv)
   try:
     flag_values(argv)
     config = flag_values.config

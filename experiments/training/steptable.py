@@ -6,11 +6,11 @@ and a reader never sees half a row. A table that cannot be read or written as on
 unwritable path, other columns, a row of another length, a cell that should be a number) raises
 `TableError`, one line naming the file.
 
-One row per run: a run is its config hash, seed and workdir (`run_key`). `append_row` refuses, under the
-lock, a row whose run the table already holds (`DuplicateRun`), or replaces that row where asked
+One row per run: a run is its config hash, seed and workdir (`run_key`). `append_row` refuses, under
+the lock, a row whose run the table already holds (`DuplicateRun`), or replaces that row where asked
 (`replace=True`: the table is rewritten in place under the lock, its previous content kept in
-PATH.bak until the new one is on disk). `duplicates` finds the rows that break the rule in a
-table written otherwise (by hand, by an older version).
+PATH.bak until the new one is on disk). `duplicates` finds the rows that break the rule in a table
+written otherwise (by hand, by an older version).
 
 Older layouts: a table written before a column was added (`LAYOUTS`) stays readable (its rows read
 with the column's default, `DEFAULTS`: a table without `dtype` holds float32 runs) and takes new
@@ -41,8 +41,8 @@ COLUMNS = (
 # cpu_cores: the CPU cores the run's process could use, on CPU (XLA's threads: their number
 # changes float summation order, so a run's numbers depend on it).
 # config_changes: the config fields a run was continued under after it started with others
-# (`--config.resume_any=true`, experiments/training/workdir.py), 'FIELD,FIELD@UPDATE' per change; '' for
-# none, which every run of an older table is.
+# (`--config.resume_any=true`, experiments/training/workdir.py), 'FIELD,FIELD@UPDATE' per change;
+# '' for none, which every run of an older table is.
 DEFAULTS = {'dtype': 'float32', 'cpu_cores': None, 'config_changes': ''}
 # The layouts this version appends to: its own, then the older ones (the last columns missing).
 LAYOUTS = tuple(COLUMNS[:len(COLUMNS) - k] for k in range(len(DEFAULTS) + 1))

@@ -10,8 +10,8 @@
   set up: a run that fails before leaves none); a later start whose config computes something else
   (another config hash) is refused in one line naming the fields that differ, unless it sets
   `resume_any=true`: then config.json becomes the new config, the change is appended to
-  WORKDIR/config_changes.jsonl and recorded in the run's row (`config_changes`). Fields outside the hash (log and checkpoint intervals, the step table, the
-  data dir and threads) may differ.
+  WORKDIR/config_changes.jsonl and recorded in the run's row (`config_changes`). Fields outside
+  the hash (log and checkpoint intervals, the step table, the data dir and threads) may differ.
 """
 
 from __future__ import annotations
