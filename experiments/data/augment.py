@@ -501,12 +501,8 @@ def shear_x(x: np.ndarray, shear, fill) -> np.ndarray:
   return affine(x, shear_x_matrices(len(x), shear), fill)
 
 
-
-
 def translate_x(x: np.ndarray, pixels, fill) -> np.ndarray:
   return affine(x, translate_x_matrices(len(x), pixels), fill)
-
-
 
 
 # --- RandAugment ----------------------------------------------------------------------------------
