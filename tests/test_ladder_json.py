@@ -49,7 +49,7 @@ def _show(tmp_path, rows, write=None):
   else:
     write(table, rows)
   out = str(tmp_path / 'view')
-  written = ladder_view.show(out, table)
+  _, written = ladder_view.show(out, table)
   path = os.path.join(out, 'ladder.json')
   assert path in written
   with open(path) as f:

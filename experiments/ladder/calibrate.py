@@ -7,7 +7,9 @@ split.
 
 For one recipe, every combination of the --grid values is trained on the ladder's first and last
 steps of that recipe only (original: `resnet50`; enhanced: `enhanced_recipe` and the ladder's last
-adopted step), never on the steps in between, with `data.validation` examples held out of training.
+adopted step), never on the steps in between, with `data.validation` examples held out of training;
+with `--references swin_t` (or `vit_s`) on that transformer reference instead, once per
+architecture.
 A FIELD with a dot is a config field (`--config.FIELD=V`); one without is a config option after the
 step name (e.g. `layer_scale_init`, applied only to the steps that have LayerScale). A
 combination's score is its mean validation top-1 over those steps and seeds; the best one is
@@ -33,10 +35,20 @@ from experiments.cli import UsageError
 from experiments.ladder import run as ladder_run
 from experiments.training import steptable
 from modernize import ladder as ladders
+from modernize import presets
 
 
-def calibration_steps(ladder_name: str, recipe: str) -> list[str]:
-  """The first and the last adopted step of `ladder_name` trained with `recipe`."""
+def calibration_steps(ladder_name: str, recipe: str,
+                      references: list[str] | None = None) -> list[str]:
+  """The first and the last adopted step of `ladder_name` trained with `recipe`; with
+  `references`, those transformer references instead (they train under the enhanced recipe):
+  each architecture outside the ladder gets its own setting, chosen once."""
+  if references:
+    unknown = [n for n in references if n not in presets.REFERENCES]
+    if unknown or recipe != 'enhanced':
+      raise UsageError(f'--references {",".join(references)}: the references are '
+                       f'{",".join(presets.REFERENCES)}, under --recipe enhanced')
+    return list(dict.fromkeys(references))
   ladder = ladders.get_ladder(ladder_name)
   names = [n for n in ladder.names(include_side=False) if ladder.recipe(n) == recipe]
   if not names:
@@ -83,7 +95,8 @@ def _score(rows: list[dict], steps: list[str]) -> tuple[float, dict[str, float]]
 
 def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], validation: int,
               ladder_name: str = 'resnet50', seeds: int = 1, options: str = '',
-              overrides: list[str] = (), isolate: bool = False, jobs: int = 1) -> dict:
+              overrides: list[str] = (), isolate: bool = False, jobs: int = 1,
+              references: list[str] | None = None) -> dict:
   """Trains every setting of `grid` on the recipe's calibration steps; returns (and writes to
   OUT/calibration.json) what was tried and what was chosen."""
   if validation <= 0:
@@ -93,7 +106,7 @@ def calibrate(out: str, *, recipe: str, grid: list[tuple[str, list[str]]], valid
       raise UsageError(f'{field} is both searched (--grid) and fixed (--set/--validation)')
     if '.' not in field and any(o.split('=')[0].strip() == field for o in options.split(',')):
       raise UsageError(f'{field} is both searched (--grid) and fixed (--options)')
-  steps = calibration_steps(ladder_name, recipe)
+  steps = calibration_steps(ladder_name, recipe, references)
   os.makedirs(out, exist_ok=True)
   tried = []
   trials_path = os.path.join(out, 'trials.jsonl')

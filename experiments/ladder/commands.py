@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                    help='training examples held out as the validation split')
   cal.add_argument('--ladder', default='resnet50', choices=sorted(ladders.LADDERS))
   cal.add_argument('--seeds', type=int, default=1)
+  cal.add_argument('--references', default='', metavar='NAMES',
+                   help='calibrate these transformer references (swin_t, vit_s) instead of the '
+                        "recipe's first and last steps")
   cal.add_argument('--options', default='')
   cal.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                    help='config override fixed for every trial (repeatable)')
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     result = calibrate.calibrate(
         args.out, recipe=args.recipe, grid=calibrate.parse_grid(args.grid),
         validation=args.validation, ladder_name=args.ladder, seeds=args.seeds,
-        options=args.options, overrides=args.set, isolate=args.isolate, jobs=args.jobs)
+        options=args.options, overrides=args.set, isolate=args.isolate, jobs=args.jobs,
+        references=names(args.references) or None)
     print(calibrate.format_result(result))
     print(f'wrote {args.out}/calibration.json and {args.out}/trials.jsonl')
     return 0
@@ -146,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                      side=args.side, options=args.options, overrides=args.set,
                      isolate=args.isolate, jobs=args.jobs, references=args.references)
     if args.command == 'show' or args.show:
-      for path in ladder_view.show(args.out, getattr(args, 'table', None), args.note):
-        print(f'wrote {path}')
+      text, written = ladder_view.show(args.out, getattr(args, 'table', None), args.note)
+      print(text, end='')
+      for path in written:
+        print(f'wrote {path}', file=sys.stderr)
     return 0
 
   if args.command == 'steps':

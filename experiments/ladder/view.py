@@ -399,9 +399,10 @@ def check_one_row_per_run(table: str) -> None:
         'and seed: give each config a table of its own (ladder compare A B sets two side by side)')
 
 
-def show(out: str, table: str | None = None, note: str = '') -> list[str]:
-  """Renders OUT/ladder.md, OUT/ladder.json and the chart(s); returns the files written. `note`
-  (e.g. 'quick look, not at plateau') is printed under every title."""
+def render(out: str, table: str | None = None, note: str = '') -> tuple[str, dict, dict, dict]:
+  """(OUT/ladder.md's text, OUT/ladder.json's object, the groups, the references) of the step
+  table (default OUT/steps.csv; the CKA and shape-bias columns from OUT/analysis, where the
+  analyses have run). Writes nothing."""
   table = table or os.path.join(out, 'steps.csv')
   rows = steptable.read_rows(table)
   steptable.check_columns(table, rows, TABLE_COLUMNS, optional=('val_top1',))
@@ -410,16 +411,22 @@ def show(out: str, table: str | None = None, note: str = '') -> list[str]:
     raise UsageError(f'no finished runs in {table}: train some first '
                      f'(python -m experiments.ladder run --out {out})')
   groups, references = summarize(rows), reference_summaries(rows)
+  text = markdown(groups, _extra_columns(out), note, references)
+  return text, as_json(groups, references), groups, references
+
+
+def show(out: str, table: str | None = None, note: str = '') -> tuple[str, list[str]]:
+  """Renders OUT/ladder.md, OUT/ladder.json and the chart(s); returns (the Markdown, the files
+  written). `note` (e.g. 'quick look, not at plateau') is printed under every title."""
+  text, summary, groups, references = render(out, table, note)
   keys = _keys(groups, references)
-  extra = _extra_columns(out)
   os.makedirs(out, exist_ok=True)
   written = []
   md = os.path.join(out, 'ladder.md')
-  outputs.write_atomic(md, markdown(groups, extra, note, references))
+  outputs.write_atomic(md, text)
   written.append(md)
   path = os.path.join(out, 'ladder.json')
-  outputs.write_atomic(path, json.dumps(as_json(groups, references), indent=1, allow_nan=False)
-                       + '\n')
+  outputs.write_atomic(path, json.dumps(summary, indent=1, allow_nan=False) + '\n')
   written.append(path)
   largest = max(keys, key=lambda k: len(groups.get(k, [])) + len(references.get(k, [])))
   for key in keys:
@@ -433,4 +440,4 @@ def show(out: str, table: str | None = None, note: str = '') -> list[str]:
     for path in names:
       chart(steps, title, path, references.get(key, []))
       written.append(path)
-  return written
+  return text, written
