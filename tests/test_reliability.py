@@ -47,7 +47,7 @@ def _committed(workdir) -> list:
 
 
 def _metrics(workdir) -> dict:
-  """The logging records of metrics.jsonl by step (the last one of a step that was logged twice);
+  """The logging records of metrics.jsonl by update count (the last one of an update logged twice);
   `workdir` local or gs://."""
   records = {}
   path = epath.Path(workdir) / 'metrics.jsonl'
@@ -58,7 +58,7 @@ def _metrics(workdir) -> dict:
       except ValueError:   # a line being written
         continue
       if 'img_per_s' in record:
-        records[record['step']] = record
+        records[record['updates']] = record
   return records
 
 
@@ -402,7 +402,8 @@ def test_an_uncommitted_gs_checkpoint_is_skipped(tmp_path, gcs, monkeypatch):
   assert step == 8
   (epath.Path(workdir) / 'checkpoints' / '8' / 'commit_success.txt').unlink()
   assert load_numpy(f'{workdir}/checkpoints')[0] == 4   # the latest complete one
-  res = run_train(workdir, CONFIG, *args, table=table)
+  # The run is in the table already: --force trains it again from what its workdir holds.
+  res = run_train(workdir, CONFIG, *args, '--force', table=table)
   assert f'resuming from checkpoint 4 in {workdir}/checkpoints' in res.stderr, res.stderr[-2000:]
   step, again = load_numpy(f'{workdir}/checkpoints')
   assert step == 8 and (epath.Path(workdir) / 'checkpoints' / '8' / 'commit_success.txt').exists()

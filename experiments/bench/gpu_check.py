@@ -69,8 +69,7 @@ ROOT = outputs.REPOSITORY
 STAGES = ('a', 'b', 'c', 'd')
 STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
                'c': 'depthwise conv', 'd': 'input pipeline'}
-# From the first run on an H200 (2026-11-27): a 108 s, b 219 s (four compiles at once, then four
-# timed cases), c 33 s, d 25 s.
+# Each stage's budget, set from what the stages took on the first GPU run (docs/gpu.md).
 BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 30.0}
 # Environment of every JAX subprocess: share the GPU instead of taking 75% of it each.
 JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
@@ -405,7 +404,7 @@ def stage_a(conf: dict, budget: float, out_dir: str, st: dict, save) -> None:
         st['skipped'].append(step)
       elif proc.returncode == 0:
         result = json.loads([l for l in stdout.splitlines() if l.startswith('{')][-1])
-        case.update(status='ok', updates=result['step'], top1=result['top1'],
+        case.update(status='ok', updates=result['updates'], top1=result['top1'],
                     train_img_s=result['train_img_per_s'],
                     compile_s=result['times'].get('compile_s'),
                     init_s=result['times'].get('init_s'), eval_s=result['times'].get('eval_s'))
@@ -521,8 +520,8 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
   jax_workers = {c: bench.Worker('jax', args, {**JAX_ENV, **VARIANTS[c[2]]}) for c in cases}
   with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
     futures = {pool.submit(compile_case, w, *c): c for c, w in jax_workers.items()}
-    # Timed in the order the compiles finish, so that a slow compile costs its own case only (the
-    # H200 run of 2026-11-27 waited 4 minutes on one); a case timed while others still compile
+    # Timed in the order the compiles finish, so that a slow compile costs its own case only (a
+    # GPU run once waited minutes on one: docs/gpu.md); a case timed while others still compile
     # shares the CPU and the GPU with them, and says how many ('compiling_meanwhile').
     done = set()
     try:
