@@ -14,6 +14,24 @@ from experiments.training import steptable
 def test_calibration_steps_are_the_first_and_last_of_each_recipe():
   assert calibrate.calibration_steps('resnet50', 'original') == ['resnet50']
   assert calibrate.calibration_steps('resnet50', 'enhanced') == ['enhanced_recipe', 'convnext_t']
+  # A transformer reference is calibrated alone, under the enhanced recipe only.
+  assert calibrate.calibration_steps('resnet50', 'enhanced', ['vit_s']) == ['vit_s']
+  for recipe, references in (('original', ['swin_t']), ('enhanced', ['convnext_t'])):
+    with pytest.raises(UsageError, match='the references are swin_t,vit_s'):
+      calibrate.calibration_steps('resnet50', recipe, references)
+
+
+def test_calibrate_a_reference(tmp_path, capsys):
+  """`calibrate --references swin_t` trains that reference alone for each setting."""
+  out = tmp_path / 'cal'
+  assert ladder.main(['calibrate', '--out', str(out), '--recipe', 'enhanced', '--validation', '64',
+                      '--references', 'swin_t', '--grid', 'optimizer.base_lr=1e-3,2e-3',
+                      '--options', 'smoke']) == 0
+  result = json.loads((out / 'calibration.json').read_text())
+  assert result['steps'] == ['swin_t'] and len(result['tried']) == 2
+  for setting in ('optimizer.base_lr=1e-3', 'optimizer.base_lr=2e-3'):
+    rows = steptable.read_rows(str(out / setting / 'steps.csv'))
+    assert [r['step'] for r in rows] == ['swin_t'] and rows[0]['validation'] == '64'
 
 
 def test_grid():
