@@ -63,6 +63,10 @@ def _table_of_other_columns(tmp):
 # (config argument, extra flags, what to set up in tmp, facts the one line must name);
 # '{tmp}' stands for the test's directory. The table is tmp/steps.csv unless the flags say.
 TRAIN_CASES = {
+    # data.channels alone: the network built for the config's 1 channel would be fed 3.
+    'channels_without_the_network': ('resnet50,smoke', ['--config.data.channels=3'], None,
+                                     ['data.channels=3', 'model.in_channels=1',
+                                      '--config.model.in_channels=3']),
     'convnext_too_small_28': ('convnext_t,smoke,image_size=28', [], None,
                               ['image_size=28', 'smallest valid size is 32']),
     'convnext_too_small_30': ('convnext_t,smoke,image_size=30', [], None,

@@ -148,6 +148,12 @@ def validate(config, workdir: str | None = None) -> None:
     problems.append(f'data.validation={config.data.validation} must be >= 0')
   if config.data.channels not in (0, 1, 3):
     problems.append(f'data.channels={config.data.channels} must be 0 (the data\'s own), 1 or 3')
+  in_channels = config.model.get('in_channels', -1)
+  if config.data.channels and in_channels not in (-1, config.data.channels):
+    # The config sets model.in_channels from data.channels when it is built; an override of one
+    # alone would feed a network the other number of channels.
+    problems.append(f'data.channels={config.data.channels} but model.in_channels={in_channels}: '
+                    f'set both (--config.model.in_channels={config.data.channels})')
   try:
     datasets.validate_name(config.data.name)
   except ValueError as e:
