@@ -419,6 +419,18 @@ def _restore(checkpoints: Checkpoints, state: dict, watch: Stopwatch,
   return state, start, LogState.from_dict(carried.get('log', {}))   # older ones carry none
 
 
+def train_batches(config, channels: int, start: int = 0) -> Iterator[dict]:
+  """The host batches a run trains on from update `start` (this process's share of each global
+  batch): the training loop's one call of the input pipeline."""
+  return pipeline.train_batches(
+      config.data.name, data_dir=config.data.dir or None,
+      batch_size=config.batch_size // jax.process_count(), image_size=config.data.image_size,
+      channels=channels, seed=config.seed, start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count(), augment=augment_config(config),
+      num_examples=config.data.train_examples or None, validation=config.data.validation,
+      num_workers=data_workers(config))
+
+
 def _train_loop(config, workdir: str, run: _SetUp, state: dict, start: int, logged: LogState,
                 checkpoints: Checkpoints, log, wall_s, watch: Stopwatch) -> dict:
   """Updates `start` to the end, one per batch: a host sync only to log or save; checkpoints on
@@ -428,13 +440,7 @@ def _train_loop(config, workdir: str, run: _SetUp, state: dict, start: int, logg
   is_main = jax.process_index() == 0
   workdir_id = workdirs.identity(workdir)
   data_start = time.perf_counter()
-  batches = _on_device(pipeline.train_batches(
-      config.data.name, data_dir=config.data.dir or None, batch_size=run.local_batch,
-      image_size=config.data.image_size, channels=run.channels, seed=config.seed,
-      start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count(), augment=augment_config(config),
-      num_examples=config.data.train_examples or None, validation=config.data.validation,
-      num_workers=data_workers(config)), run.batch_sharding)
+  batches = _on_device(train_batches(config, run.channels, start), run.batch_sharding)
   watch.add('data_s', time.perf_counter() - data_start)
 
   progress = _Progress(total, start, f'{config.step} seed {config.seed}', is_main)
