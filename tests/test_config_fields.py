@@ -704,6 +704,38 @@ def test_ema_is_the_exponential_average_and_evaluation_uses_it():
   assert abs(results[True] - results[False]) > 1e-3 * abs(results[False])
 
 
+def test_ema_averages_the_batchnorm_statistics_too():
+  """As timm's ModelEma (the paper's code), the average covers the BatchNorm statistics as well
+  as the weights, and evaluation with EMA uses both: a network with BatchNorm (ResNet-50's block),
+  its statistics averaged here in float64 over 2 updates."""
+  decay = 0.9
+  config = configured('resnet50,smoke', **{'model.depths': (1,), 'model.width': 8,
+                                             'ema_decay': decay, 'augment.mix_prob': 0.0})
+  cfg = runconfig.net_config(config, NUM_CLASSES, 1)
+  tx = optax.sgd(STEP_LR)
+  graphdef, constants, state = train_state.create_state(config, cfg, tx)
+  step = jax.jit(train_state.make_train_step(config, graphdef, constants, tx,
+                                             optax.constant_schedule(STEP_LR), NUM_CLASSES))
+  want = jax.tree.map(lambda v: np.asarray(v, np.float64), state['batch_stats'])
+  for _ in range(2):
+    state, _ = step(state, STEP_BATCH)
+    want = jax.tree.map(lambda e, v: decay * e + (1 - decay) * np.asarray(v, np.float64), want,
+                        state['batch_stats'])
+  got = jax.tree_util.tree_leaves(state['ema_batch_stats'])
+  assert got and len(got) == len(jax.tree_util.tree_leaves(want))
+  for g, w, now in zip(got, jax.tree_util.tree_leaves(want),
+                       jax.tree_util.tree_leaves(state['batch_stats'])):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.asarray(now), w, rtol=1e-4)   # not the current statistics
+  batch = {**STEP_BATCH, 'mask': jnp.ones(8, bool)}
+  out = jax.jit(train_state.make_eval_step(graphdef, constants, True))(state, batch)
+  model = nnx.merge(graphdef, state['ema'], state['ema_batch_stats'], constants)
+  model.eval()
+  logits = np.asarray(model(STEP_BATCH['image']), np.float64)
+  loss = -_log_softmax64(logits)[np.arange(8), np.asarray(STEP_BATCH['label'])]
+  assert float(out['loss']) == pytest.approx(float(loss.sum()), rel=1e-5)
+
+
 def test_ema_off_keeps_no_average():
   _, _, state, _ = initial(ema_decay=0.0)
   assert 'ema' not in state and 'ema' in initial()[2]

@@ -34,8 +34,9 @@ def create_state(config, cfg, tx, sharding=None):
              'step': jnp.zeros((), jnp.int32),
              # The seed travels as data in the train step too.
              'seed': seed}
-    if config.ema_decay > 0:
+    if config.ema_decay > 0:   # timm's ModelEma: the weights and the BatchNorm statistics
       state['ema'] = jax.tree.map(jnp.copy, params)
+      state['ema_batch_stats'] = jax.tree.map(jnp.copy, batch_stats)
     return constants, state
 
   # Runs once: XLA's backend optimisations would only make it compile slower (13 s -> 1.3 s).
@@ -104,6 +105,8 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes,
            'seed': state['seed']}
     if 'ema' in state:
       new['ema'] = optax.incremental_update(params, state['ema'], 1.0 - config.ema_decay)
+      new['ema_batch_stats'] = optax.incremental_update(batch_stats, state['ema_batch_stats'],
+                                                        1.0 - config.ema_decay)
     metrics = {'loss': loss, 'lr': lr(step)}
     return new, metrics
 
@@ -113,7 +116,8 @@ def make_train_step(config, graphdef, constants, tx, lr, num_classes,
 def make_eval_step(graphdef, constants, use_ema: bool, spec: pipeline.InputSpec | None = None):
   def eval_step(state, batch):
     params = state['ema'] if use_ema else state['params']
-    model = nnx.merge(graphdef, params, state['batch_stats'], constants)
+    batch_stats = state['ema_batch_stats'] if use_ema else state['batch_stats']
+    model = nnx.merge(graphdef, params, batch_stats, constants)
     model.eval()
     images = batch['image'] if spec is None else pipeline.model_input(batch, spec)
     logits = model(images).astype(jnp.float32)
