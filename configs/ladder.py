@@ -213,7 +213,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.validation = MINIATURE_VALIDATION if miniature else 0
   c.data.train_examples = 512 if smoke else 0   # 0 = the whole train split
   c.data.test_examples = 256 if smoke else 0    # 0 = the whole test split
-  c.data.threads = -1                  # input-pipeline threads per host (-1: one per core, <= 8)
+  c.data.threads = -1                  # input-pipeline workers per host (-1: one per core, <= 8)
+  # How they build batches: 'threads', 'processes' (experiments/data/workers.py) or 'auto'
+  # (processes when JAX runs on an accelerator). The batches are the same either way.
+  c.data.worker_kind = 'auto'
 
   c.scale = ml_collections.ConfigDict()
   c.scale.name = scale

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -136,3 +137,27 @@ def gcs():
   import gcs_emulator  # pylint: disable=import-outside-toplevel
   with gcs_emulator.running('runs') as url:
     yield gcs_emulator.environment(url)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """Mounts a tmpfs of the given size and returns its path; skipped where one cannot be mounted
+  (not root, or no mount permission in this container). Shared by the full-disk and the
+  shared-memory tests."""
+  mounted = []
+
+  def mount(size: str) -> str:
+    point = tmp_path / f'disk{len(mounted)}'
+    point.mkdir()
+    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},nr_inodes=4096', 'tmpfs',
+                          str(point)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+      pytest.skip(f'cannot mount a tmpfs here to fill a disk: '
+                  f'{res.stderr.strip() or res.returncode}')
+    mounted.append(str(point))
+    return str(point)
+
+  yield mount
+  for point in mounted:
+    subprocess.run(['umount', '-l', point], check=False)

@@ -246,29 +246,6 @@ def test_metadata_round_trips_and_older_checkpoints_have_none(tmp_path):
   checkpoints.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """Mounts a tmpfs of the given size and returns its path; skipped where one cannot be mounted
-  (not root, or no mount permission in this container)."""
-  mounted = []
-
-  def mount(size: str) -> str:
-    point = tmp_path / f'disk{len(mounted)}'
-    point.mkdir()
-    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},nr_inodes=4096', 'tmpfs',
-                          str(point)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-      pytest.skip(f'cannot mount a tmpfs here to fill a disk: '
-                  f'{res.stderr.strip() or res.returncode}')
-    mounted.append(str(point))
-    return str(point)
-
-  yield mount
-  for point in mounted:
-    subprocess.run(['umount', '-l', point], check=False)
-
-
 def _fill(directory: str) -> None:
   """Writes a file into `directory` until its file system is full."""
   fd = os.open(os.path.join(directory, 'filler'), os.O_WRONLY | os.O_CREAT)

@@ -311,14 +311,40 @@ def default_workers() -> int:
                      else os.cpu_count() or 1))
 
 
+WORKER_KINDS = ('threads', 'processes')
+
+
+def default_worker_kind() -> str:
+  """How batches are built by default: $MODERNIZE_DATA_WORKER_KIND, else 'threads' (the trainer
+  asks for processes where they measure faster: experiments/training/runconfig.py,
+  `data_workers`)."""
+  kind = os.environ.get('MODERNIZE_DATA_WORKER_KIND') or 'threads'
+  if kind not in WORKER_KINDS:
+    raise ValueError(f'MODERNIZE_DATA_WORKER_KIND={kind!r}: must be one of {WORKER_KINDS}')
+  return kind
+
+
+def _worker_kind(kind: str | None, workers: int) -> str:
+  kind = kind or default_worker_kind()
+  if kind not in WORKER_KINDS:
+    raise ValueError(f'worker kind {kind!r}: must be one of {WORKER_KINDS}')
+  return 'threads' if workers <= 0 else kind
+
+
 def _prefetched(fn: Callable[[int], Any], start: int, stop: int | None, num_workers: int,
-                prefetch: int) -> Iterator[Any]:
-  """fn(start), fn(start + 1), ... computed by `num_workers` threads, `prefetch` extra ahead."""
+                prefetch: int, kind: str = 'threads') -> Iterator[Any]:
+  """fn(start), fn(start + 1), ... computed by `num_workers` threads or worker processes
+  (experiments/data/workers.py; `fn` then a picklable batch builder), `prefetch` extra ahead; in
+  order whatever the number and kind of workers."""
   if num_workers <= 0:
     k = start
     while stop is None or k < stop:
       yield fn(k)
       k += 1
+    return
+  if kind == 'processes':
+    from experiments.data import workers  # pylint: disable=import-outside-toplevel
+    yield from workers.batches(fn, start, stop, num_workers, prefetch)
     return
   executor = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix='modernize-data')
   pending: collections.deque = collections.deque()
@@ -390,11 +416,96 @@ def _check_split(split: str, validation: int) -> None:
     raise ValueError('the validation split needs validation > 0 held-out examples')
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainSpec:
+  """Everything that determines a host's training batches (picklable: worker processes build the
+  batches from it)."""
+  name: str
+  data_dir: str | None
+  batch_size: int
+  image_size: int | None
+  channels: int | None
+  seed: int
+  process_index: int
+  process_count: int
+  augment: AugmentConfig | None
+  num_examples: int | None
+  validation: int
+
+
+class TrainBatches:
+  """batch(step): a pure function of its spec and the step. Loads the data on first use (in each
+  worker process of its own; what it loaded is not pickled)."""
+
+  def __init__(self, spec: _TrainSpec):
+    self.spec, self._built = spec, None
+
+  def __getstate__(self):
+    return {'spec': self.spec, '_built': None}
+
+  def load(self) -> 'TrainBatches':
+    s = self.spec
+    info = datasets.info(s.name, s.data_dir)
+    transform = _make_transform(info, s.image_size, s.channels, None, s.augment)
+    data = _Split(s.name, s.data_dir, 'train', s.validation, s.num_examples, info)
+    n = len(data)
+    perms = _Permutations(s.seed, n)
+    images = None if info.large else transform.presize(data.images)  # once, not per batch
+    self._built = (info, transform, data, n, perms, images)
+    return self
+
+  def positions(self, step: int) -> np.ndarray:
+    s = self.spec
+    return _positions(step, s.batch_size, s.process_index, s.process_count)
+
+  def describe(self, step: int) -> str:
+    """Batch `step` in words, for a message: its stream positions and first training examples."""
+    if self._built is None:
+      self.load()
+    _, _, data, n, perms, _ = self._built
+    positions = self.positions(step)
+    rows = data.rows[_indices_at(positions, n, perms)]
+    shown = ', '.join(str(int(r)) for r in rows[:4])
+    return (f'batch {step} (stream positions {positions[0]}-{positions[-1]}: stored training '
+            f'examples {shown}{", ..." if len(rows) > 4 else ""})')
+
+  def slot_bytes(self) -> int:
+    """An upper bound of one batch's bytes (its arrays, each aligned to 64 bytes)."""
+    info, transform = self._info_transform()
+    s, c, b = transform.image_size, transform.wire_channels, self.spec.batch_size
+    return _aligned(b * s * s * c) + 4 * 64 + b * (4 + 16 + 8) + 64
+
+  def _info_transform(self):
+    if self._built is not None:
+      return self._built[0], self._built[1]
+    s = self.spec
+    info = datasets.info(s.name, s.data_dir)
+    return info, _make_transform(info, s.image_size, s.channels, None, s.augment)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    if self._built is None:
+      self.load()
+    info, transform, data, n, perms, images = self._built
+    positions = self.positions(step)
+    keys = aug.example_keys(self.spec.seed, positions)
+    idx = _indices_at(positions, n, perms)
+    if info.large:
+      out, labels = _decoded(data.source, data.rows[idx],
+                             lambda blobs: transform.train_encoded(blobs, keys))
+      return {**out, 'label': labels}
+    return {**transform.train_arrays(images[idx], keys), 'label': data.labels[idx]}
+
+
+def _aligned(nbytes: int, alignment: int = 64) -> int:
+  return -(-nbytes // alignment) * alignment
+
+
 def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_size: int,
                   image_size: int | None = None, channels: int | None = None, seed: int = 0,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   augment: AugmentConfig | None = None, num_examples: int | None = None,
                   validation: int = 0, num_workers: int | None = None,
+                  worker_kind: str | None = None,
                   prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches for this host, from step `start_step` on.
 
@@ -403,51 +514,111 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
   and 'erase_key' (`augment.erasing_params`); `model_input` makes the model's float32 input.
   `batch_size` is per host; the global batch is batch_size * process_count. A pure function of
   (name, seed, step, process_index, process_count, augment, validation[, num_examples]):
-  `start_step=s` yields exactly what an unbroken iterator yields from step s on. validation:
-  training examples held out (never trained on). num_examples: train on the first num_examples of
-  the (remaining) split only (smoke runs); None = all. num_workers: batch-building threads (None:
-  `default_workers()`; 0: synchronous); prefetch: batches computed ahead beyond one per worker.
-  Loading happens now (DatasetUnavailable is raised here).
+  `start_step=s` yields exactly what an unbroken iterator yields from step s on, for any number
+  and kind of workers. validation: training examples held out (never trained on). num_examples:
+  train on the first num_examples of the (remaining) split only (smoke runs); None = all.
+  num_workers: batch builders (None: `default_workers()`; 0: synchronous, in this thread);
+  worker_kind: 'threads' or 'processes' (None: `default_worker_kind()`;
+  experiments/data/workers.py); prefetch: batches computed ahead beyond one per worker. With threads
+  the data is loaded now (DatasetUnavailable is raised here); worker processes load it themselves.
   """
-  info = datasets.info(name, data_dir)
-  transform = _make_transform(info, image_size, channels, None, augment)
   if batch_size <= 0 or start_step < 0:
     raise ValueError(f'need batch_size > 0 and start_step >= 0, not {batch_size}, {start_step}')
   _positions(0, batch_size, process_index, process_count)  # validates the host arguments
-  data = _Split(name, data_dir, 'train', validation, num_examples, info)
-  n = len(data)
-  perms = _Permutations(seed, n)
-
-  if info.large:
-    def batch(step: int) -> dict[str, np.ndarray]:
-      positions = _positions(step, batch_size, process_index, process_count)
-      keys = aug.example_keys(seed, positions)
-      out, labels = _decoded(data.source, data.rows[_indices_at(positions, n, perms)],
-                             lambda blobs: transform.train_encoded(blobs, keys))
-      return {**out, 'label': labels}
-  else:
-    images = transform.presize(data.images)   # once, instead of in every batch
-    labels = data.labels
-
-    def batch(step: int) -> dict[str, np.ndarray]:
-      positions = _positions(step, batch_size, process_index, process_count)
-      idx = _indices_at(positions, n, perms)
-      keys = aug.example_keys(seed, positions)
-      return {**transform.train_arrays(images[idx], keys), 'label': labels[idx]}
-
+  builder = TrainBatches(_TrainSpec(
+      name, None if data_dir is None else os.fspath(data_dir), batch_size, image_size, channels,
+      seed, process_index, process_count, augment, num_examples, validation))
   workers = default_workers() if num_workers is None else num_workers
-  return _prefetched(batch, start_step, None, workers, prefetch)
+  kind = _worker_kind(worker_kind, workers)
+  if kind == 'threads':
+    builder.load()
+  else:
+    builder.slot_bytes()   # the data set's description: DatasetUnavailable here if it is missing
+  return _prefetched(builder, start_step, None, workers, prefetch, kind)
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
   return -(-num_examples // (batch_size * process_count))
 
 
+@dataclasses.dataclass(frozen=True)
+class _EvalSpec:
+  name: str
+  data_dir: str | None
+  batch_size: int
+  image_size: int | None
+  channels: int | None
+  process_index: int
+  process_count: int
+  crop_pct: float | None
+  split: str
+  validation: int
+  num_examples: int | None
+
+
+class EvalBatches:
+  """batch(k): this host's share of global eval batch k, padded (picklable, as `TrainBatches`)."""
+
+  def __init__(self, spec: _EvalSpec):
+    self.spec, self._built = spec, None
+
+  def __getstate__(self):
+    return {'spec': self.spec, '_built': None}
+
+  def _info_transform(self):
+    s = self.spec
+    info = datasets.info(s.name, s.data_dir)
+    return info, _make_transform(info, s.image_size, s.channels, s.crop_pct, None)
+
+  def load(self) -> 'EvalBatches':
+    s = self.spec
+    info, transform = self._info_transform()
+    self._built = (info, transform, _Split(s.name, s.data_dir, s.split, s.validation,
+                                           s.num_examples, info))
+    return self
+
+  def __len__(self) -> int:
+    if self._built is None:
+      self.load()
+    return len(self._built[2])
+
+  def positions(self, k: int) -> np.ndarray:
+    s = self.spec
+    return _positions(k, s.batch_size, s.process_index, s.process_count)
+
+  def describe(self, k: int) -> str:
+    positions = self.positions(k)
+    return f'{self.spec.split} batch {k} (examples {positions[0]}-{positions[-1]})'
+
+  def slot_bytes(self) -> int:
+    _, transform = self._info_transform()
+    s, c, b = transform.image_size, transform.wire_channels, self.spec.batch_size
+    return _aligned(b * s * s * c) + 3 * 64 + b * (4 + 1) + 64
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    if self._built is None:
+      self.load()
+    info, transform, data = self._built
+    n = len(data)
+    positions = self.positions(k)
+    mask = positions < n
+    s, c = transform.image_size, transform.wire_channels
+    image = np.zeros((self.spec.batch_size, s, s, c), np.uint8)
+    label = np.zeros((self.spec.batch_size,), np.int32)
+    if mask.any():
+      idx = positions[mask]
+      if info.large:
+        image[mask], label[mask] = _decoded(data.source, data.rows[idx], transform.eval_encoded)
+      else:
+        image[mask], label[mask] = transform.eval_arrays(data.images[idx]), data.labels[idx]
+    return {'image': image, 'label': label, 'mask': mask}
+
+
 def eval_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_size: int,
                  image_size: int | None = None, channels: int | None = None,
                  process_index: int = 0, process_count: int = 1, crop_pct: float | None = None,
                  split: str = 'test', validation: int = 0, num_examples: int | None = None,
-                 num_workers: int | None = None,
+                 num_workers: int | None = None, worker_kind: str | None = None,
                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """This host's share of a whole split ('test', or 'validation': the `validation` examples held
   out of training), in order, ceil(N / (batch_size * process_count)) batches on every host. Yields
@@ -456,31 +627,14 @@ def eval_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_
 
   crop_pct: eval centre crop (default 0.875 for imagenette / imagenet2012, 1.0 otherwise).
   num_examples: evaluate the first num_examples of the split only (smoke runs); None = all.
+  num_workers, worker_kind: as for `train_batches`.
   """
   _check_split(split, validation)
-  info = datasets.info(name, data_dir)
-  transform = _make_transform(info, image_size, channels, crop_pct, None)
   if batch_size <= 0:
     raise ValueError('batch_size must be positive')
-  s, c = transform.image_size, transform.wire_channels
-  data = _Split(name, data_dir, split, validation, num_examples, info)
-  n = len(data)
-
-  if info.large:
-    def compute(idx: np.ndarray):
-      return _decoded(data.source, data.rows[idx], transform.eval_encoded)
-  else:
-    def compute(idx: np.ndarray):
-      return transform.eval_arrays(data.images[idx]), data.labels[idx]
-
-  def batch(k: int) -> dict[str, np.ndarray]:
-    positions = _positions(k, batch_size, process_index, process_count)
-    mask = positions < n
-    image = np.zeros((batch_size, s, s, c), np.uint8)
-    label = np.zeros((batch_size,), np.int32)
-    if mask.any():
-      image[mask], label[mask] = compute(positions[mask])
-    return {'image': image, 'label': label, 'mask': mask}
-
+  builder = EvalBatches(_EvalSpec(
+      name, None if data_dir is None else os.fspath(data_dir), batch_size, image_size, channels,
+      process_index, process_count, crop_pct, split, validation, num_examples)).load()
   workers = default_workers() if num_workers is None else num_workers
-  return _prefetched(batch, 0, num_eval_batches(n, batch_size, process_count), workers, prefetch)
+  return _prefetched(builder, 0, num_eval_batches(len(builder), batch_size, process_count),
+                     workers, prefetch, _worker_kind(worker_kind, workers))

@@ -52,6 +52,7 @@ from experiments.training.runconfig import (
   augment_config,
   config_hash,
   data_channels,
+  data_worker_kind,
   data_workers,
   net_config,
   validate,
@@ -428,7 +429,7 @@ def train_batches(config, channels: int, start: int = 0) -> Iterator[dict]:
       channels=channels, seed=config.seed, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=augment_config(config),
       num_examples=config.data.train_examples or None, validation=config.data.validation,
-      num_workers=data_workers(config))
+      num_workers=data_workers(config), worker_kind=data_worker_kind(config))
 
 
 def _train_loop(config, workdir: str, run: _SetUp, state: dict, start: int, logged: LogState,
@@ -509,7 +510,8 @@ def _evaluate_splits(config, run: _SetUp, state: dict, logged: LogState) -> dict
         image_size=config.data.image_size, channels=run.channels,
         process_index=jax.process_index(), process_count=jax.process_count(), split=name,
         validation=config.data.validation, num_examples=config.data.test_examples or None,
-        num_workers=data_workers(config)), run.batch_sharding)
+        num_workers=data_workers(config), worker_kind=data_worker_kind(config)),
+        run.batch_sharding)
 
   test = _evaluate(run.eval_step, state, split('test'))
   result = {'updates': run.schedule.total_steps, 'top1': test['top1'], 'top5': test['top5'],

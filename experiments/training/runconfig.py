@@ -48,6 +48,16 @@ def data_workers(config) -> int | None:
   return None if threads < 0 else threads
 
 
+def data_worker_kind(config) -> str | None:
+  """How the input pipeline builds batches: config.data.worker_kind, where 'auto' is worker
+  processes when JAX runs on an accelerator (the host must keep up with it) and the pipeline's
+  default on the CPU (threads, unless $MODERNIZE_DATA_WORKER_KIND says otherwise)."""
+  kind = config.data.get('worker_kind', 'auto')
+  if kind != 'auto':
+    return kind
+  return 'processes' if jax.default_backend() != 'cpu' else None
+
+
 def augment_config(config) -> pipeline.AugmentConfig:
   a = config.augment
   if a.crop not in ('random_resized', 'pad', 'none'):
@@ -66,7 +76,7 @@ def augment_config(config) -> pipeline.AugmentConfig:
 # Fields that do not change what a run computes: left out of its identity.
 _NOT_HASHED = ('step_table', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                'resume_any')
-_NOT_HASHED_DATA = ('dir', 'threads')
+_NOT_HASHED_DATA = ('dir', 'threads', 'worker_kind')
 
 
 # Fields added after runs were recorded, with their default: at the default a field is left out of
@@ -146,6 +156,9 @@ def validate(config, workdir: str | None = None) -> None:
     problems.append('log_every_steps and checkpoint_every_steps must be positive')
   if config.data.validation < 0:
     problems.append(f'data.validation={config.data.validation} must be >= 0')
+  if config.data.get('worker_kind', 'auto') not in ('auto', *pipeline.WORKER_KINDS):
+    problems.append(f'data.worker_kind={config.data.worker_kind!r} must be auto, '
+                    f'{" or ".join(pipeline.WORKER_KINDS)}')
   if config.data.channels not in (0, 1, 3):
     problems.append(f'data.channels={config.data.channels} must be 0 (the data\'s own), 1 or 3')
   in_channels = config.model.get('in_channels', -1)
