@@ -47,7 +47,16 @@ def test_dry_run_writes_every_stage_and_records_a_forced_failure(tmp_path):
   for c in b:
     assert c['status'] == 'ok' or (c['status'] == 'failed' and c['error']), c
   assert all(c['status'] == 'ok' for c in data['stages']['c']['cases'])
-  assert {c['workers'] for c in data['stages']['d']['cases']} == {os.cpu_count(), 1}
+  d = _stage_cases(data, 'd')
+  assert set(d) == {f'{source} {n} {kind}' for source in ('fashion_mnist', 'jpeg')
+                    for kind in ('threads', 'processes') for n in (2, 1)} | {
+                        'resnet50 bfloat16 fed'}
+  for name, c in d.items():
+    assert c['status'] == 'ok' and c['img_s'] > 0, c
+    if name.endswith('fed'):   # trained from the pipeline, and on one synthetic batch
+      assert c['synthetic_img_s'] > 0 and c['finite'] and c['workers'] == 2
+    else:
+      assert c['parent_ms'] >= 0 and c['img_s_per_worker'] == c['img_s'] / c['workers']
   md = (out / 'gpu_check.md').read_text()
   for heading in ('## a:', '## b:', '## c:', '## d:', 'failed convnext_t'):
     assert heading in md, heading
@@ -62,7 +71,7 @@ def test_stages_past_their_budget_record_what_they_skipped(tmp_path):
            env={'MODERNIZE_GPU_CHECK_FAIL': ''})
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads((tmp_path / 'gpu_check.json').read_text())
-  for stage, n in (('b', 4), ('d', 2)):
+  for stage, n in (('b', 4), ('d', 9)):   # d: 2 sources x (2 threads + 2 processes), the fed run
     st = data['stages'][stage]
     assert st['status'] == 'stopped (budget)', st
     assert len(st['skipped']) == n and all(c['status'] == 'skipped' for c in st['cases'])

@@ -537,3 +537,40 @@ def test_default_workers_one_per_core_at_most_8(monkeypatch):
     assert pipeline.default_workers() == expected, cores
   monkeypatch.setenv('MODERNIZE_DATA_WORKERS', '12')
   assert pipeline.default_workers() == 12
+
+
+def test_a_jpeg_decodes_at_the_smallest_scale_its_crop_allows():
+  """`pipeline.draft`: a 1,000 x 800 JPEG whose 600-pixel crop is resized to 64 decodes at 1/8
+  (125 x 100: the crop keeps 75 >= 64 pixels), within a few grey levels of the full decode; one
+  resized to 224 at 1/2 (the crop keeps 300 >= 224 pixels there, 150 < 224 at 1/4); one larger
+  than its crop whole; and a PNG always whole."""
+  import io
+
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:800, 0:1000]
+  pixels = (np.sin(xx / 37.0)[..., None] * 60 + np.cos(yy / 23.0)[..., None] * 60 + 128
+            + rng.normal(0, 3, (800, 1000, 3))).clip(0, 255).astype(np.uint8)
+  blob = io.BytesIO()
+  Image.fromarray(pixels).save(blob, 'JPEG', quality=90)
+  box = (100, 200, 600, 600)   # top, left, height, width
+
+  def decode(size, use_draft, data=blob, fmt=None):
+    im = Image.open(io.BytesIO(data.getvalue()))
+    full = (box[1], box[0], box[1] + box[3], box[0] + box[2])
+    crop = pipeline.draft(im, box, size) if use_draft else full
+    return im, np.asarray(im.convert('RGB').resize((size, size), Image.BICUBIC, box=crop),
+                          np.float64)
+
+  im, small = decode(64, True)
+  assert im.size == (125, 100)
+  _, whole = decode(64, False)
+  assert np.abs(small - whole).mean() < 3.0
+  im, _ = decode(224, True)
+  assert im.size == (500, 400)   # the crop keeps 300 >= 224 pixels at 1/2, not at 1/4
+  im, _ = decode(700, True)
+  assert im.size == (1000, 800)  # a crop smaller than its output: no reduction
+  png = io.BytesIO()
+  Image.fromarray(pixels).save(png, 'PNG')
+  im = Image.open(io.BytesIO(png.getvalue()))
+  assert pipeline.draft(im, box, 64) == (200.0, 100.0, 800.0, 700.0) and im.size == (1000, 800)

@@ -3,7 +3,7 @@
   python -m experiments.bench.gpu_check --out DIR [--stages a,b,c,d] [--b-steps S] [--b-variants V]
                                             [--dry-run]
 
-Stages (each with a time budget, --budget-a ... --budget-d, defaults 120 + 230 + 40 + 30 = 420 s,
+Stages (each with a time budget, --budget-a ... --budget-d, defaults 120 + 230 + 40 + 150 = 540 s,
 leaving ~60 s for start-up, the environment probe and overruns: a stage stops between cases):
   a  every adopted ladder step trained through the real trainer (`python -m experiments.train`,
      one subprocess per step) on Fashion-MNIST: top-1, train img/s, compile (first step) time.
@@ -27,9 +27,12 @@ leaving ~60 s for start-up, the environment probe and overruns: a stage stops be
   c  the depthwise 7x7 conv of ConvNeXt-T's four stages at 224px, batch 128, forward and
      forward + backward, for every implementation in `modernize.depthwise`
      (`experiments.bench.depthwise.bench`; 'native' is CPU-only and is recorded as failed on a GPU).
-  d  the input pipeline (`experiments.bench.data.bench`): Fashion-MNIST at 224x224x3 with the
-     enhanced recipe's augmentation for large images (RandomResizedCrop, flip, RandAugment(2, 9),
-     Random Erasing), batch 128, with os.cpu_count(), 1/2 and 1/4 of it, and 1 thread.
+  d  the input pipeline (`experiments.bench.data.bench`) on two sources, Fashion-MNIST at
+     224x224x3 and generated RGB JPEGs of ImageNet's sizes (`experiments.bench.data.jpeg_folder`),
+     with the enhanced recipe's augmentation for large images (RandomResizedCrop, flip,
+     RandAugment(2, 9), Random Erasing), batch 128: threads (os.cpu_count(), half of it, 1) and
+     worker processes (os.cpu_count() - 1, half, 1); then ResNet-50 in bfloat16 trained from the
+     pipeline (os.cpu_count() - 1 worker processes) against its rate on synthetic input.
 
 Writes DIR/gpu_check.json (rewritten atomically after every case, so a timeout keeps what
 finished) and DIR/gpu_check.md (a table per stage); prints one line per case. A failing case is
@@ -70,7 +73,7 @@ STAGES = ('a', 'b', 'c', 'd')
 STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
                'c': 'depthwise conv', 'd': 'input pipeline'}
 # Each stage's budget, set from what the stages took on the first GPU run (docs/gpu.md).
-BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 30.0}
+BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 150.0}
 # Environment of every JAX subprocess: share the GPU instead of taking 75% of it each.
 JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
 # Stage b's variants (--b-variants): the JAX step traced with these variables (modernize.backend,
@@ -123,8 +126,10 @@ def _sizes(dry_run: bool) -> dict:
             'c': {'shapes': [(2, 8, 8, 96, 7, 1), (2, 4, 4, 192, 7, 1), (2, 2, 2, 384, 7, 1),
                              (2, 1, 1, 768, 7, 1)], 'impls': ['xla', 'shift', 'native'],
                   'repeats': 3, 'budget_s': 0.2},
-            'd': {'image_size': 64, 'batch': 16, 'steps': 3, 'warmup': 1,
-                  'workers': [cpus, 1]}}
+            'd': {'image_size': 64, 'batch': 16, 'steps': 3, 'warmup': 1, 'jpeg_images': 24,
+                  'workers': {'threads': [2, 1], 'processes': [2, 1]}, 'fed_step': 'resnet50',
+                  'fed_dtype': 'bfloat16', 'fed_depths': (1, 1, 1, 1), 'fed_workers': 2,
+                  'fed_steps': 2}}
   procs = max(2, min(14, cpus - 2))   # 14 adopted steps: all at once on 16 cores
   return {'a': {'steps': 'adopted', 'options': 'miniature', 'updates': 300, 'batch': 128,
                 'procs': procs, 'threads': max(1, cpus // procs), 'image_size': 32},
@@ -134,8 +139,12 @@ def _sizes(dry_run: bool) -> dict:
           'c': {'shapes': [(128, 56, 56, 96, 7, 1), (128, 28, 28, 192, 7, 1),
                            (128, 14, 14, 384, 7, 1), (128, 7, 7, 768, 7, 1)],
                 'impls': ['xla', 'shift', 'native'], 'repeats': 20, 'budget_s': 1.0},
-          'd': {'image_size': 224, 'batch': 128, 'steps': 10, 'warmup': 3,
-                'workers': sorted({cpus, max(1, cpus // 2), max(1, cpus // 4), 1}, reverse=True)}}
+          'd': {'image_size': 224, 'batch': 128, 'steps': 10, 'warmup': 3, 'jpeg_images': 384,
+                'workers': {'threads': sorted({cpus, max(1, cpus // 2), 1}, reverse=True),
+                            'processes': sorted({max(1, cpus - 1), max(1, cpus // 2), 1},
+                                                reverse=True)},
+                'fed_step': 'resnet50', 'fed_dtype': 'bfloat16', 'fed_depths': None,
+                'fed_workers': max(1, cpus - 1), 'fed_steps': 30}}
 
 
 # --- the result file ------------------------------------------------------------------------------
@@ -213,9 +222,12 @@ def markdown(data: dict) -> str:
                 f"{_f(c.get('fwd_bwd_ms'), '.2f')} | {_f(c.get('speedup_fwd_bwd'), '.2f')} |"
                 for c in cases]
     elif key == 'd':
-      lines += ['| threads | status | images/s | images/s per thread |', '|---|---|---|---|']
-      lines += [f"| {c['workers']} | {c['status']} | {_f(c.get('img_s'), '.0f')} | "
-                f"{_f(c.get('img_s_per_thread'), '.0f')} |" for c in cases]
+      lines += ['| case | status | images/s | per worker | parent ms/batch | synthetic images/s '
+                '| fed / synthetic |', '|---|---|---|---|---|---|---|']
+      lines += [f"| {c['case']} | {c['status']} | {_f(c.get('img_s'), '.0f')} | "
+                f"{_f(c.get('img_s_per_worker'), '.0f')} | {_f(c.get('parent_ms'), '.2f')} | "
+                f"{_f(c.get('synthetic_img_s'), '.0f')} | "
+                f"{_f(c.get('fed_over_synthetic'), '.2f')} |" for c in cases]
     failed = [c for c in cases if c.get('status') == 'failed']
     if failed:
       lines += [''] + [f"- failed {c['case']}: {c.get('error')}" for c in failed]
@@ -291,33 +303,108 @@ def worker_c(conf: dict, budget: float) -> None:
 
 
 def worker_d(conf: dict, budget: float) -> None:
+  """Stage d: the input pipeline on both sources, threads against worker processes at each worker
+  count, then ResNet-50 (bfloat16) trained from the pipeline against its synthetic-input rate."""
   from experiments.bench import data as bench_data
   from experiments.data import datasets
   from experiments.data.augment import AugmentConfig
   start = time.time()
+  sources = {'fashion_mnist': 'fashion_mnist',
+             'jpeg': bench_data.jpeg_folder(os.path.join(tempfile.gettempdir(),
+                                                         'modernize-bench-jpeg'),
+                                            train=conf['jpeg_images'])}
   datasets.load_arrays('fashion_mnist', 'train')
-  for workers in conf['workers']:
-    case = {'case': f'{workers} threads', 'workers': workers, 'image_size': conf['image_size'],
-            'batch': conf['batch']}
-    if time.time() - start > budget:
-      print(json.dumps({**case, 'status': 'skipped'}), flush=True)
-      continue
-    try:
-      if _forced('d', str(workers)):
-        raise RuntimeError('forced failure (test)')
-      # The threads compute workers + prefetch batches ahead: the warm-up takes that backlog
-      # and the timed steps are many more, so that batches made before the clock starts count
-      # little (at most 1/6).
-      ahead = workers + 2
-      rate = bench_data.bench('fashion_mnist', data_dir=None, image_size=conf['image_size'],
-                              batch_size=conf['batch'], channels=3,
-                              augment=AugmentConfig.paper(large=True),
-                              steps=max(conf['steps'], 6 * ahead),
-                              warmup=max(conf['warmup'], ahead), workers=workers, prefetch=2)
-      case.update(status='ok', img_s=rate, img_s_per_thread=rate / workers)
-    except Exception as e:  # noqa: BLE001
-      case.update(status='failed', error=_one_line(f'{type(e).__name__}: {e}'))
-    print(json.dumps(case), flush=True)
+  for source, name in sources.items():
+    for kind, counts in conf['workers'].items():
+      for workers in counts:
+        case = {'case': f'{source} {workers} {kind}', 'source': source, 'kind': kind,
+                'workers': workers, 'image_size': conf['image_size'], 'batch': conf['batch']}
+        if time.time() - start > budget:
+          print(json.dumps({**case, 'status': 'skipped'}), flush=True)
+          continue
+        try:
+          if _forced('d', case['case']):
+            raise RuntimeError('forced failure (test)')
+          # The workers compute workers + prefetch batches ahead: the warm-up takes that
+          # backlog and the timed steps are many more, so that batches made before the clock
+          # starts count little (at most 1/6).
+          ahead = workers + 2
+          r = bench_data.bench(name, data_dir=None, image_size=conf['image_size'],
+                               batch_size=conf['batch'], channels=3,
+                               augment=AugmentConfig.paper(large=True),
+                               steps=max(conf['steps'], 6 * ahead),
+                               warmup=max(conf['warmup'], ahead), workers=workers, prefetch=2,
+                               kind=kind)
+          case.update(status='ok', img_s=r['img_s'], img_s_per_worker=r['img_s'] / workers,
+                      parent_ms=r['parent_ms'])
+        except Exception as e:  # noqa: BLE001
+          case.update(status='failed', error=_one_line(f'{type(e).__name__}: {e}'))
+        print(json.dumps(case), flush=True)
+  case = {'case': f'{conf["fed_step"]} {conf["fed_dtype"]} fed', 'kind': 'processes',
+          'workers': conf['fed_workers'], 'image_size': conf['image_size'],
+          'batch': conf['batch']}
+  if time.time() - start > budget:
+    print(json.dumps({**case, 'status': 'skipped'}), flush=True)
+    return
+  try:
+    case.update(status='ok', **_fed_training(conf))
+  except Exception as e:  # noqa: BLE001
+    case.update(status='failed', error=_one_line(f'{type(e).__name__}: {e}'))
+  print(json.dumps(case), flush=True)
+
+
+def _fed_training(conf: dict) -> dict:
+  """Training images/s of `fed_step` (paper scale, `fed_dtype`) on synthetic input (one batch
+  already on the device) and fed by the pipeline (Fashion-MNIST at image_size, the enhanced
+  recipe, `fed_workers` worker processes; each batch sent to the device ahead of its step)."""
+  import jax
+  import numpy as np
+
+  from configs import ladder as ladder_config
+  from experiments.data import pipeline
+  from experiments.data.augment import AugmentConfig
+  from experiments.training import recipe, runconfig
+  from experiments.training import state as train_state
+  config = ladder_config.get_config(f'{conf["fed_step"]},data=fashion_mnist,scale=full,'
+                                    f'image_size={conf["image_size"]},batch={conf["batch"]}')
+  with config.unlocked():
+    config.model.dtype = conf['fed_dtype']
+    config.data.channels = config.model.in_channels = 3   # as ImageNet's, and stage d's
+    config.model.depths = tuple(conf.get('fed_depths') or config.model.depths)
+  cfg = runconfig.net_config(config, 10, 3)
+  schedule = recipe.Schedule(100.0, 1.0, recipe.paper_epochs(config))
+  lr = recipe.learning_rate(config, schedule)
+  tx = recipe.optimizer(config, lr)
+  graphdef, constants, state = train_state.create_state(config, cfg, tx)
+  spec = pipeline.input_spec('fashion_mnist', None, 3)
+  step = jax.jit(train_state.make_train_step(config, graphdef, constants, tx, lr, 10, spec),
+                 donate_argnums=(0,))
+  batches = pipeline.train_batches('fashion_mnist', batch_size=conf['batch'],
+                                   image_size=conf['image_size'], channels=3,
+                                   augment=AugmentConfig.paper(large=True),
+                                   num_workers=conf['fed_workers'], worker_kind='processes')
+  synthetic = jax.device_put(next(batches))
+  compile_start = time.perf_counter()
+  state, metrics = step(state, synthetic)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - compile_start
+  rates = {}
+  for name in ('synthetic', 'fed'):
+    for _ in range(2):   # warm-up
+      state, metrics = step(state, synthetic if name == 'synthetic' else jax.device_put(
+          next(batches)))
+    jax.block_until_ready(metrics)
+    start, ahead = time.perf_counter(), []
+    for _ in range(conf['fed_steps']):
+      batch = synthetic if name == 'synthetic' else jax.device_put(next(batches))
+      state, metrics = step(state, batch)
+      ahead.append(metrics['loss'])
+    jax.block_until_ready(ahead)
+    rates[name] = conf['fed_steps'] * conf['batch'] / (time.perf_counter() - start)
+  batches.close()
+  return {'img_s': rates['fed'], 'synthetic_img_s': rates['synthetic'],
+          'fed_over_synthetic': rates['fed'] / rates['synthetic'], 'compile_s': compile_s,
+          'finite': bool(np.isfinite(float(metrics['loss'])))}
 
 
 def worker_env() -> None:
@@ -428,7 +515,7 @@ def _report_case(stage: str, case: dict) -> None:
     _log(f"{stage} {case['case']}: skipped ({case.get('error', 'stage budget spent')})")
     return
   keys = {'a': ('top1', 'train_img_s', 'compile_s'), 'c': ('fwd_ms', 'fwd_bwd_ms'),
-          'd': ('img_s',)}.get(stage, ())
+          'd': ('img_s', 'parent_ms', 'fed_over_synthetic')}.get(stage, ())
   shown = ', '.join(f'{k} {case[k]:.2f}' for k in keys if case.get(k) is not None)
   _log(f"{stage} {case['case']}: ok {shown}")
 

@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import io
+import math
 import os
 import threading
 from typing import Any, Callable, Iterator
@@ -199,10 +200,10 @@ class _Transform:
     boxes = box_fn(sizes[:, 1], sizes[:, 0])                                  # (top, left, h, w)
     out = np.empty((len(blobs), s, s, self.stored_channels), np.uint8)
     for i, im in enumerate(opened):
-      top, left, bh, bw = boxes[i]
       try:
+        box = draft(im, boxes[i], s)
         im = datasets.to_mode(im, self.stored_channels)
-        im = im.resize((s, s), Image.BICUBIC, box=(left, top, left + bw, top + bh))
+        im = im.resize((s, s), Image.BICUBIC, box=box)
       except (OSError, ValueError, SyntaxError) as e:   # e.g. a truncated file
         raise BadImage(i, e) from None
       out[i] = np.asarray(im).reshape(s, s, self.stored_channels)
@@ -224,6 +225,21 @@ class _Transform:
   def eval_encoded(self, blobs: list[bytes]) -> np.ndarray:
     box_fn = lambda h, w: aug.center_box(h, w, self.image_size, self.crop_pct)
     return self.working(self._decode(blobs, box_fn))
+
+
+def draft(image, box, size: int) -> tuple[float, float, float, float]:
+  """Asks a JPEG `image` (opened, not yet decoded) to decode at 1/2, 1/4 or 1/8 of its size where
+  the crop `box` (top, left, height, width, in the full image's pixels) still has at least `size`
+  pixels each way at that scale (libjpeg scales in the DCT, so the pixels the crop loses are ones
+  the resize to `size` would have averaged away); returns the box (left, upper, right, lower) in
+  the pixels it will decode to. Other formats decode whole."""
+  top, left, bh, bw = (float(v) for v in box)
+  if getattr(image, 'format', None) == 'JPEG' and bh > 0 and bw > 0:
+    width, height = image.size
+    image.draft(None, (math.ceil(width * size / bw), math.ceil(height * size / bh)))
+    sx, sy = image.size[0] / width, image.size[1] / height
+    top, left, bh, bw = top * sy, left * sx, bh * sy, bw * sx
+  return left, top, left + bw, top + bh
 
 
 def _statistics(info: datasets.DataInfo, channels: int | None):
