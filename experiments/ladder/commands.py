@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
   view.add_argument('--out', required=True)
   view.add_argument('--table', default=None, help='step table (default OUT/steps.csv)')
   view.add_argument('--note', default='', help="a line under every title (e.g. 'not at plateau')")
+  view.add_argument('--print', action='store_true',
+                    help='print the table only, write nothing (what the docs quote)')
   cmp = sub.add_parser('compare', help='two ladders of one config side by side, change by change '
                        '(e.g. two budgets): OUT/compare.json, .md, .png')
   cmp.add_argument('a', help='step table (CSV) or a folder holding steps.csv: ladder A')
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
   cmp.add_argument('--out', default=None, help="where to write (default: B's folder)")
   cmp.add_argument('--labels', default=None, metavar='A,B',
                    help='names of the two ladders (default: data, scale, size and epochs)')
+  cmp.add_argument('--print', action='store_true',
+                   help='print the table only, write nothing (what the docs quote)')
   args = parser.parse_args(argv)
   out = getattr(args, 'out', None)
   if out and outputs.remote_problem(out):
@@ -110,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     labels = names(args.labels) if args.labels else None
     if labels is not None and len(labels) != 2:
       raise UsageError(f'--labels {args.labels!r}: give two names, A,B')
-    result, written = compare.run(args.a, args.b, args.out, tuple(labels) if labels else None)
-    print(compare.markdown(result))
+    labels = tuple(labels) if labels else None
+    if args.print:
+      print(compare.markdown(compare.compare(args.a, args.b, labels)), end='')
+      return 0
+    result, written = compare.run(args.a, args.b, args.out, labels)
+    print(compare.markdown(result), end='')
     for path in written:
-      print(f'wrote {path}')
+      print(f'wrote {path}', file=sys.stderr)
     return 0
 
   if args.command == 'calibrate':
@@ -149,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                      steps=names(args.steps) or None, seeds=args.seeds,
                      side=args.side, options=args.options, overrides=args.set,
                      isolate=args.isolate, jobs=args.jobs, references=args.references)
+    if args.command == 'show' and args.print:
+      print(ladder_view.render(args.out, args.table, args.note)[0], end='')
+      return 0
     if args.command == 'show' or args.show:
       text, written = ladder_view.show(args.out, getattr(args, 'table', None), args.note)
       print(text, end='')
