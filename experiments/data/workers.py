@@ -140,8 +140,11 @@ class _Worker:
     self.tasks.flush()
 
   def send(self, message) -> None:
-    pickle.dump(message, self.tasks)
-    self.tasks.flush()
+    try:
+      pickle.dump(message, self.tasks)
+      self.tasks.flush()
+    except (BrokenPipeError, OSError):   # it died: said when its next result is due
+      pass
 
   def receive(self):
     """The worker's next message, or None where it died (its pipe closed)."""
