@@ -49,6 +49,16 @@ def test_bad_arguments_exit_2_with_one_message(args, message):
   assert message in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_data_bench_without_grain_says_so_in_one_line_before_any_work():
+  code = ("import sys; sys.modules['grain'] = None; from experiments.bench import data; "
+          "sys.exit(data.main(['--kinds', 'threads,grain']))")
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                     env=env, timeout=120)
+  assert r.returncode == 2 and not r.stdout, (r.stdout, r.stderr)
+  assert r.stderr.strip() == 'error: --kinds grain: grain is not installed here (pip install grain)'
+
+
 def _check_train_record(r, batch):
   assert r['kind'] == 'train' and 'error' not in r, r
   j = r['jax']

@@ -4,10 +4,11 @@
   python -m experiments.bench.data --augment paper --workers 1,2 --kinds threads,processes
   python -m experiments.bench.data --source jpeg --image-size 224 --augment paper --workers 1,2
 
-Prints, for each augmentation preset, kind of worker (threads or processes) and worker count asked
-for, the images/s of `pipeline.train_batches` consumed as fast as possible (the first batches,
-which include start-up, are not timed), per worker, the efficiency against one worker of the same
-kind, and the parent's CPU time per batch (with processes: receiving and copying a batch out;
+Prints, for each augmentation preset, kind of worker (threads, processes, or grain's worker
+processes driving the same batch function: `--kinds grain`, where grain is installed) and worker
+count asked for, the images/s of `pipeline.train_batches` consumed as fast as possible (the first
+batches, which include start-up, are not timed), per worker, the efficiency against one worker of
+the same kind, and the parent's CPU time per batch (with processes: receiving and copying a batch out;
 with threads it includes the threads' work). What is timed is the host's part: uint8 batches; the
 normalisation, Random Erasing and channel replication happen on the device
 (`pipeline.model_input`), and `--on-device` times them too (each batch sent to the default device
@@ -66,9 +67,18 @@ def bench(name: str, *, data_dir, image_size, batch_size, channels, augment: Aug
           steps: int, warmup: int, workers: int | None, prefetch: int, kind: str | None = None,
           on_device: bool = False) -> dict:
   """{'img_s': images/s after `warmup` batches, 'parent_ms': this process's CPU ms per batch}."""
-  it = pipeline.train_batches(name, data_dir=data_dir, batch_size=batch_size,
-                              image_size=image_size, channels=channels, seed=0, augment=augment,
-                              num_workers=workers, worker_kind=kind, prefetch=prefetch)
+  if kind == 'grain':
+    builder = pipeline.train_builder(name, data_dir=data_dir, batch_size=batch_size,
+                                     image_size=image_size, channels=channels, seed=0,
+                                     augment=augment)
+    it = grain_batches(builder, workers, prefetch)
+    first = next(it)
+    if not all(np.array_equal(first[k], v) for k, v in builder(0).items()):
+      raise RuntimeError('grain gave another first batch than the pipeline')   # a bug, not input
+  else:
+    it = pipeline.train_batches(name, data_dir=data_dir, batch_size=batch_size,
+                                image_size=image_size, channels=channels, seed=0, augment=augment,
+                                num_workers=workers, worker_kind=kind, prefetch=prefetch)
   consume = (lambda batch: batch) if not on_device else _device_consumer(name, data_dir, channels)
   last = None
   for _ in range(warmup):
@@ -81,6 +91,32 @@ def bench(name: str, *, data_dir, image_size, batch_size, channels, augment: Aug
   elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   it.close()
   return {'img_s': steps * batch_size / elapsed, 'parent_ms': 1000 * cpu / steps}
+
+
+def grain_batches(builder, workers: int, prefetch: int):
+  """The same batches (builder(0), builder(1), ...) through grain's worker processes
+  (`mp_prefetch`, `workers` of them), each set up as this project's pool sets up one of its own:
+  one thread building batches, `prefetch` batches ahead (grain's defaults, 16 threads and 500
+  elements ahead per process, are meant for small records read from remote disks; 500 batches at
+  224px would be gigabytes per worker). The library this project would use instead of its own
+  pool if it measured as fast (docs/performance.md)."""
+  grain = _grain()
+  dataset = grain.MapDataset.range(0, 2**62).map(builder).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if workers:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=prefetch))
+  it = iter(dataset)
+  it.close = lambda: None   # grain stops its workers when the iterator is collected
+  return it
+
+
+def _grain():
+  try:
+    import grain  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UsageError('--kinds grain: grain is not installed here (pip install grain)') from None
+  return grain
 
 
 def _block(x) -> None:
@@ -125,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                       help='worker counts, comma-separated (default: one per core, at most 8; '
                            '0 = synchronous)')
   parser.add_argument('--kinds', default='threads',
-                      help='worker kinds, comma-separated: threads, processes (default threads)')
+                      help='worker kinds, comma-separated: threads, processes, grain (grain\'s '
+                           'worker processes, if installed; default threads)')
   parser.add_argument('--prefetch', type=positive(), default=2)
   parser.add_argument('--large', action='store_true',
                       help="the presets for large images (random-resized crop), as gpu_check's "
@@ -133,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--on-device', action='store_true',
                       help='also send each batch to the default device and make it a model input')
   args = parser.parse_args(argv)
-  kinds = cli.names(args.kinds, pipeline.WORKER_KINDS, 'worker kind', '--kinds')
+  kinds = cli.names(args.kinds, (*pipeline.WORKER_KINDS, 'grain'), 'worker kind', '--kinds')
   try:
     counts = [int(w) for w in cli.names(args.workers)] or [pipeline.default_workers()]
   except ValueError:
     raise UsageError(f'--workers {args.workers!r}: give whole numbers, e.g. 1,2') from None
   if args.warmup < 0 or min(counts) < 0 or not kinds:
     parser.error('--warmup and --workers must be at least 0, --kinds not empty')
+  if 'grain' in kinds:
+    _grain()
   name = args.data
   if args.source == 'jpeg':
     root = os.path.join(tempfile.gettempdir(), 'modernize-bench-jpeg')

@@ -516,6 +516,19 @@ def _aligned(nbytes: int, alignment: int = 64) -> int:
   return -(-nbytes // alignment) * alignment
 
 
+def train_builder(name: str, *, data_dir: str | os.PathLike | None = None, batch_size: int,
+                  image_size: int | None = None, channels: int | None = None, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  augment: AugmentConfig | None = None, num_examples: int | None = None,
+                  validation: int = 0) -> TrainBatches:
+  """The picklable function step -> batch behind `train_batches` (same arguments), for other
+  loaders to drive (the benchmark's grain comparison); it loads its data on first use."""
+  _positions(0, batch_size, process_index, process_count)  # validates the host arguments
+  return TrainBatches(_TrainSpec(
+      name, None if data_dir is None else os.fspath(data_dir), batch_size, image_size, channels,
+      seed, process_index, process_count, augment, num_examples, validation))
+
+
 def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch_size: int,
                   image_size: int | None = None, channels: int | None = None, seed: int = 0,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
@@ -540,10 +553,10 @@ def train_batches(name: str, *, data_dir: str | os.PathLike | None = None, batch
   """
   if batch_size <= 0 or start_step < 0:
     raise ValueError(f'need batch_size > 0 and start_step >= 0, not {batch_size}, {start_step}')
-  _positions(0, batch_size, process_index, process_count)  # validates the host arguments
-  builder = TrainBatches(_TrainSpec(
-      name, None if data_dir is None else os.fspath(data_dir), batch_size, image_size, channels,
-      seed, process_index, process_count, augment, num_examples, validation))
+  builder = train_builder(name, data_dir=data_dir, batch_size=batch_size, image_size=image_size,
+                          channels=channels, seed=seed, process_index=process_index,
+                          process_count=process_count, augment=augment,
+                          num_examples=num_examples, validation=validation)
   workers = default_workers() if num_workers is None else num_workers
   kind = _worker_kind(worker_kind, workers)
   if kind == 'threads':
