@@ -284,15 +284,22 @@ def random_resized_crop_boxes(keys: np.ndarray, height, width,
       np.where(found, ch[rows, first], fh), np.where(found, cw[rows, first], fw)], -1)
 
 
-def random_crop_pad(images: np.ndarray, keys: np.ndarray, pad: int, fill: int = 0) -> np.ndarray:
-  """Pads each image by `pad` pixels (value `fill`) and crops back to its size at a random
-  offset."""
-  if pad <= 0:
-    return images
-  b, h, w, _ = images.shape
+def crop_pad_offsets(keys: np.ndarray, pad: int) -> np.ndarray:
+  """`random_crop_pad`'s draw: (B, 2) intp (row, column) offsets of each crop in the image padded
+  by `pad`, uniform in [0, 2 * pad]."""
   u = uniform(keys, STREAM_CROP, 2)
   oy = np.floor(u[:, 0] * (2 * pad + 1)).astype(np.intp)
   ox = np.floor(u[:, 1] * (2 * pad + 1)).astype(np.intp)
+  return np.stack([oy, ox], -1)
+
+
+def random_crop_pad(images: np.ndarray, keys: np.ndarray, pad: int, fill: int = 0) -> np.ndarray:
+  """Pads each image by `pad` pixels (value `fill`) and crops back to its size at a random
+  offset (`crop_pad_offsets`)."""
+  if pad <= 0:
+    return images
+  b, h, w, _ = images.shape
+  oy, ox = crop_pad_offsets(keys, pad).T
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
   # Every (h, w) window of the padded images as a view; pick one per image.
   windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
