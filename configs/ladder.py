@@ -217,6 +217,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # How they build batches: 'threads', 'processes' (experiments/data/workers.py) or 'auto'
   # (processes when JAX runs on an accelerator). The batches are the same either way.
   c.data.worker_kind = 'auto'
+  # Where the training data lives: 'host' (the input pipeline), 'device' (an in-memory split
+  # uploaded once and augmented on the accelerator) or 'auto' (device on an accelerator where the
+  # split fits, host on the CPU). Not part of the run's identity (docs/training.md).
+  c.data.placement = 'auto'
 
   c.scale = ml_collections.ConfigDict()
   c.scale.name = scale
@@ -273,6 +277,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Gradient accumulation: each global batch as this many microbatches, one after another (the
   # paper's batch 4096 on fewer accelerators); one optimizer update per batch either way.
   c.accumulate_steps = 1
+  # Updates per dispatch of the compiled program (data.placement device only; bitwise the same
+  # updates as one per dispatch).
+  c.steps_per_dispatch = 1
   if smoke:
     c.batch_size = _number(options, 'batch', int, 32)
     if 'epochs' not in options:

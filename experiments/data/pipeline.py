@@ -474,6 +474,24 @@ class TrainBatches:
     s = self.spec
     return _positions(step, s.batch_size, s.process_index, s.process_count)
 
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of an in-memory split, the arrays the batches are cut from (`indices`
+    rows): the images `presize`d once (data placed on the device is uploaded from these)."""
+    if self._built is None:
+      self.load()
+    if self._built[0].large:
+      raise ValueError(f'{self.spec.name}: encoded images are read per batch, not held in memory')
+    return self._built[5], self._built[2].labels
+
+  def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into the loaded split, stream positions) of the examples of batch `step`: the
+    rows of the training arrays `__call__` takes (the data on the device takes the same)."""
+    if self._built is None:
+      self.load()
+    n, perms = self._built[3], self._built[4]
+    positions = self.positions(step)
+    return _indices_at(positions, n, perms), positions
+
   def describe(self, step: int) -> str:
     """Batch `step` in words, for a message: its stream positions and first training examples."""
     if self._built is None:

@@ -3,9 +3,12 @@
 
 The train step is a plain `jax.jit` over the `nnx.split` state with explicit shardings over a 1-D
 'data' mesh of every device of every host: the batch is split, the state replicated and donated.
-BatchNorm statistics under that sharding are global (synchronised BN). Runs resume from the newest
-checkpoint in WORKDIR/checkpoints that reads back, with the logging state it carries (`LogState`),
-so a resumed run writes the row an unbroken one does; SIGTERM saves a checkpoint and exits 143 (on
+BatchNorm statistics under that sharding are global (synchronised BN). With the data on the
+device (`data.placement`, experiments/training/placement.py) one program runs several updates per
+dispatch (`steps_per_dispatch`), each gathering and augmenting its batch there. Runs resume from
+the newest checkpoint in WORKDIR/checkpoints that reads back, with the logging state it carries
+(`LogState`), so a resumed run writes the row an unbroken one does; SIGTERM saves a checkpoint and
+exits 143 (on
 several processes, every process saves the same update, agreed through JAX's preemption service),
 Ctrl-C saves one and exits 130. Writes WORKDIR/config.json, WORKDIR/metrics.jsonl (one JSON line
 per logging step) and a row of the step table (default runs/steps.csv).
@@ -35,7 +38,8 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import outputs
 from experiments.cli import UsageError
-from experiments.data import datasets, pipeline
+from experiments.data import datasets, device_augment, pipeline
+from experiments.training import placement as placements
 from experiments.training import steptable
 from experiments.training import workdir as workdirs
 from experiments.training.checkpoint import Checkpoints, latest_step
@@ -141,9 +145,10 @@ def _on_device(batches: Iterator[dict], sharding, ahead: int = 2) -> Iterator[di
 
 
 def _finite_losses(window: list, done: int, workdir: str) -> np.ndarray:
-  """The losses of the updates up to `done` (host values), or TrainingDiverged at the first bad
-  one."""
-  losses = np.asarray(jax.device_get(window))
+  """The losses of the updates up to `done` (host values; `window`: (device losses, the first how
+  many are updates) per dispatch), or TrainingDiverged at the first bad one."""
+  values = jax.device_get([losses for losses, _ in window])
+  losses = np.concatenate([np.reshape(v, -1)[:n] for v, (_, n) in zip(values, window)])
   bad = ~np.isfinite(losses)
   if bad.any():
     first = int(np.argmax(bad))
@@ -280,7 +285,7 @@ def _evaluate(eval_step, state, batches) -> dict:
 
 
 def _table_row(config, workdir, cfg, result: dict, params: int, commit: str,
-               changes: str) -> dict:
+               changes: str, placement: str) -> dict:
   """The run's row of the step table (steptable.COLUMNS; `steps` is its count of updates)."""
   validation = config.data.validation
   return {
@@ -301,7 +306,7 @@ def _table_row(config, workdir, cfg, result: dict, params: int, commit: str,
       'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'workdir': outputs.recorded(workdir),
       'dtype': cfg.dtype,
       'cpu_cores': len(os.sched_getaffinity(0)) if jax.default_backend() == 'cpu' else '',
-      'config_changes': changes}
+      'config_changes': changes, 'placement': placement}
 
 
 def _recorded(config, workdir: str, force: bool) -> dict | None:
@@ -363,6 +368,9 @@ class _SetUp:
   state: dict
   train_step: object
   eval_step: object
+  mesh: object
+  placement: str                          # data.placement resolved: 'host' or 'device'
+  feed: placements.DeviceFeed | None      # with the data on the device: its training program
 
 
 def _set_up(config, watch: Stopwatch) -> _SetUp:
@@ -378,6 +386,7 @@ def _set_up(config, watch: Stopwatch) -> _SetUp:
   channels = data_channels(config, info)
   cfg = net_config(config, info.num_classes, channels)
   spec = pipeline.input_spec(config.data.name, data_dir, channels)
+  placement = placements.resolve(config, info, num_train, channels)   # UsageError: one line
 
   mesh = jax.make_mesh((jax.device_count(),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -389,15 +398,22 @@ def _set_up(config, watch: Stopwatch) -> _SetUp:
   tx = optimizer(config, lr, no_weight_decay(cfg))
   with watch.phase('init_s'):
     graphdef, constants, state = create_state(config, cfg, tx, replicated)
-  train_step = jax.jit(make_train_step(config, graphdef, constants, tx, lr, info.num_classes,
-                                       spec),
-                       in_shardings=(replicated, batch_sharding),
+  step_fn = make_train_step(config, graphdef, constants, tx, lr, info.num_classes, spec)
+  train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, constants, config.ema_decay > 0, spec),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  feed = None
+  if placement == 'device':
+    with watch.phase('data_s'):   # the split loaded and uploaded once
+      transform = device_augment.for_dataset(
+          config.data.name, data_dir=data_dir, image_size=config.data.image_size,
+          channels=channels, augment=augment_config(config))
+      feed = placements.DeviceFeed(pipeline.train_builder(**_train_stream(config, channels)),
+                                   transform, step_fn, mesh)
   return _SetUp(info, cfg, channels, spec, batch_sharding,
                 config.batch_size // jax.process_count(), schedule, graphdef, constants, state,
-                train_step, eval_step)
+                train_step, eval_step, mesh, placement, feed)
 
 
 def _restore(checkpoints: Checkpoints, state: dict, watch: Stopwatch,
@@ -420,48 +436,71 @@ def _restore(checkpoints: Checkpoints, state: dict, watch: Stopwatch,
   return state, start, LogState.from_dict(carried.get('log', {}))   # older ones carry none
 
 
+def _train_stream(config, channels: int) -> dict:
+  """What determines this process's training batches (`pipeline.train_builder`'s arguments)."""
+  return dict(
+      name=config.data.name, data_dir=config.data.dir or None,
+      batch_size=config.batch_size // jax.process_count(), image_size=config.data.image_size,
+      channels=channels, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), augment=augment_config(config),
+      num_examples=config.data.train_examples or None, validation=config.data.validation)
+
+
 def train_batches(config, channels: int, start: int = 0) -> Iterator[dict]:
   """The host batches a run trains on from update `start` (this process's share of each global
   batch): the training loop's one call of the input pipeline."""
   return pipeline.train_batches(
-      config.data.name, data_dir=config.data.dir or None,
-      batch_size=config.batch_size // jax.process_count(), image_size=config.data.image_size,
-      channels=channels, seed=config.seed, start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count(), augment=augment_config(config),
-      num_examples=config.data.train_examples or None, validation=config.data.validation,
-      num_workers=data_workers(config), worker_kind=data_worker_kind(config))
+      **_train_stream(config, channels), start_step=start, num_workers=data_workers(config),
+      worker_kind=data_worker_kind(config))
+
+
+def _updates(config, run: _SetUp, start: int):
+  """(dispatches: (first update, n) ..., feed(state, first, n) -> (state, metrics)): how the loop
+  runs its updates. Host: one per dispatch, each from the input pipeline's next batch. Device:
+  up to steps_per_dispatch per dispatch (`placement.dispatches`), the data on the device."""
+  total = run.schedule.total_steps
+  if run.feed is not None:
+    k = config.get('steps_per_dispatch', 1)
+    return (placements.dispatches(start, total, k, config.log_every_steps,
+                                  config.checkpoint_every_steps), run.feed)
+  batches = _on_device(train_batches(config, run.channels, start), run.batch_sharding)
+
+  def feed(state, first, n):
+    del first, n   # one update: the pipeline's batches come in order
+    return run.train_step(state, next(batches))
+  return placements.dispatches(start, total, 1), feed
 
 
 def _train_loop(config, workdir: str, run: _SetUp, state: dict, start: int, logged: LogState,
                 checkpoints: Checkpoints, log, wall_s, watch: Stopwatch) -> dict:
-  """Updates `start` to the end, one per batch: a host sync only to log or save; checkpoints on
-  their interval, at the end and when SIGTERM or Ctrl-C asks (then Preempted / Interrupted).
-  Returns the final state."""
+  """Updates `start` to the end, one per batch, in dispatches of one or more updates (`_updates`)
+  that end on every logging and checkpoint boundary: a host sync only to log or save; checkpoints
+  on their interval, at the end and when SIGTERM or Ctrl-C asks (then Preempted / Interrupted,
+  after the dispatch in flight). Returns the final state."""
   total = run.schedule.total_steps
   is_main = jax.process_index() == 0
   workdir_id = workdirs.identity(workdir)
   data_start = time.perf_counter()
-  batches = _on_device(train_batches(config, run.channels, start), run.batch_sharding)
+  chunks, feed = _updates(config, run, start)
   watch.add('data_s', time.perf_counter() - data_start)
 
   progress = _Progress(total, start, f'{config.step} seed {config.seed}', is_main)
-  pending = []   # device losses of the updates since the last host sync
+  pending = []   # (device losses, how many are updates) of the dispatches since the last sync
   # A window's speed leaves out the compilation and the checkpoint saves in it.
   window_start, window_updates, window_excluded_s = time.perf_counter(), 0, 0.0
   loop_start, compile_s, checkpoint_s = time.perf_counter(), 0.0, 0.0
   try:
     with _StopSignals(jax.process_count() > 1) as signals:
-      for update in range(start, total):
-        batch = next(batches)
+      for first, n in chunks:
         t0 = time.perf_counter()
-        state, metrics = run.train_step(state, batch)
-        if update == start:   # tracing and compiling (or loading from the cache) happened here
+        state, metrics = feed(state, first, n)
+        if first == start:   # tracing and compiling (or loading from the cache) happened here
           compile_s = time.perf_counter() - t0
           window_excluded_s += compile_s
-        pending.append(metrics['loss'])
-        window_updates += 1
-        progress.update()
-        done = update + 1
+        pending.append((metrics['loss'], n))
+        window_updates += n
+        progress.update(n)
+        done = first + n
         stopping = signals.requested(done)
         log_now = done % config.log_every_steps == 0 or done == total
         save_now = done % config.checkpoint_every_steps == 0 or done == total or stopping
@@ -505,13 +544,17 @@ def _evaluate_splits(config, run: _SetUp, state: dict, logged: LogState) -> dict
   """The run's result: test (and validation) top-1, top-5 and loss over whole splits, with the
   last training window's loss and the training speed."""
   def split(name: str):
-    return _on_device(pipeline.eval_batches(
+    on_device = run.placement == 'device'   # the split's batches built once and uploaded at once
+    batches = pipeline.eval_batches(
         config.data.name, data_dir=config.data.dir or None, batch_size=run.local_batch,
         image_size=config.data.image_size, channels=run.channels,
         process_index=jax.process_index(), process_count=jax.process_count(), split=name,
         validation=config.data.validation, num_examples=config.data.test_examples or None,
-        num_workers=data_workers(config), worker_kind=data_worker_kind(config)),
-        run.batch_sharding)
+        num_workers=0 if on_device else data_workers(config),
+        worker_kind=data_worker_kind(config))
+    if on_device:
+      return placements.device_eval_batches(batches, run.mesh, run.batch_sharding)
+    return _on_device(batches, run.batch_sharding)
 
   test = _evaluate(run.eval_step, state, split('test'))
   result = {'updates': run.schedule.total_steps, 'top1': test['top1'], 'top5': test['top5'],
@@ -564,7 +607,7 @@ def _train(config, workdir: str, start_time: float, commit: str,
   if is_main:   # the run's one row
     params = count_params(nnx.merge(run.graphdef, state['params'], state['batch_stats'],
                                     run.constants))
-    row = _table_row(config, workdir, run.cfg, result, params, commit, changes)
+    row = _table_row(config, workdir, run.cfg, result, params, commit, changes, run.placement)
     replaced = steptable.append_row(config.step_table, row, replace=force)
     if replaced:
       result['replaced_lines'] = replaced

@@ -14,7 +14,7 @@ import jax
 from experiments import outputs
 from experiments.cli import UsageError
 from experiments.data import datasets, pipeline
-from experiments.training import steptable
+from experiments.training import placement, steptable
 from modernize import presets
 from modernize.config import NetConfig, feature_size, min_image_size
 
@@ -74,9 +74,11 @@ def augment_config(config) -> pipeline.AugmentConfig:
 
 
 # Fields that do not change what a run computes: left out of its identity.
+# steps_per_dispatch and data.placement: the same updates, dispatched differently (bitwise for
+# steps_per_dispatch; the device's batches equal the host's, up to the resamplers' rounding).
 _NOT_HASHED = ('step_table', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-               'resume_any')
-_NOT_HASHED_DATA = ('dir', 'threads', 'worker_kind')
+               'resume_any', 'steps_per_dispatch')
+_NOT_HASHED_DATA = ('dir', 'threads', 'worker_kind', 'placement')
 
 
 # Fields added after runs were recorded, with their default: at the default a field is left out of
@@ -159,6 +161,7 @@ def validate(config, workdir: str | None = None) -> None:
   if config.data.get('worker_kind', 'auto') not in ('auto', *pipeline.WORKER_KINDS):
     problems.append(f'data.worker_kind={config.data.worker_kind!r} must be auto, '
                     f'{" or ".join(pipeline.WORKER_KINDS)}')
+  problems += placement.field_problems(config)
   if config.data.channels not in (0, 1, 3):
     problems.append(f'data.channels={config.data.channels} must be 0 (the data\'s own), 1 or 3')
   in_channels = config.model.get('in_channels', -1)

@@ -34,7 +34,7 @@ COLUMNS = (
     'batch_size', 'params', 'gmacs', 'top1', 'top5', 'test_loss', 'train_loss', 'train_img_per_s',
     'wall_s', 'device_kind', 'device_count', 'process_count', 'versions', 'git_commit',
     'config_hash', 'time', 'workdir', 'validation', 'val_top1', 'val_loss', 'dtype', 'cpu_cores',
-    'config_changes')
+    'config_changes', 'placement')
 
 # Columns added after tables were written (at the end, in this order), with the value every row of
 # an older table holds (None: unknown, recorded where the table has the column).
@@ -43,7 +43,10 @@ COLUMNS = (
 # config_changes: the config fields a run was continued under after it started with others
 # (`--config.resume_any=true`, experiments/training/workdir.py), 'FIELD,FIELD@UPDATE' per change;
 # '' for none, which every run of an older table is.
-DEFAULTS = {'dtype': 'float32', 'cpu_cores': None, 'config_changes': ''}
+# placement: where the run's training data lived, 'host' (the input pipeline) or 'device'
+# (`data.placement` resolved, experiments/training/placement.py); only recorded (older tables hold
+# host runs, and take a row without it).
+DEFAULTS = {'dtype': 'float32', 'cpu_cores': None, 'config_changes': '', 'placement': None}
 # The layouts this version appends to: its own, then the older ones (the last columns missing).
 LAYOUTS = tuple(COLUMNS[:len(COLUMNS) - k] for k in range(len(DEFAULTS) + 1))
 
