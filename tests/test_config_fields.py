@@ -173,6 +173,26 @@ def test_network_depends_on(arg, field, value):
   assert _network_fingerprint(arg, _key({**ARCHITECTURE_BASE, field: value})) != base
 
 
+
+@pytest.mark.parametrize('arg, field, value', [
+    ('swin_t,smoke', 'model.embed_dim', 24),
+    ('swin_t,smoke', 'model.num_heads', (1, 1, 3, 3)),
+    ('swin_t,smoke', 'model.mlp_ratio', 2.0),
+    ('swin_t,smoke', 'model.patch_size', 4),
+    ('swin_t,smoke', 'model.window_size', 2),
+    ('swin_t,smoke', 'model.depths', (1, 1, 1, 1)),
+    ('vit_s,smoke', 'model.depth', 2),
+    ('vit_s,smoke', 'model.embed_dim', 24),
+    ('vit_s,smoke', 'model.num_heads', 2),
+    ('vit_s,smoke', 'model.mlp_ratio', 2.0),
+    ('vit_s,smoke', 'model.patch_size', 8),
+    ('vit_s,smoke', 'model.layer_scale_init', 1e-5),
+])
+def test_reference_network_depends_on(arg, field, value):
+  """The transformer references' model.* flags change the network built as well (what each
+  builds is tests/test_transformers.py's, against timm)."""
+  assert _network_fingerprint(arg, _key({field: value})) != _network_fingerprint(arg, _key({}))
+
 # --- the learning-rate schedule -------------------------------------------------------------------
 
 NUM_TRAIN = 640   # with batch 128: 5 updates per epoch

@@ -27,6 +27,24 @@ LINK = re.compile(r'!?\[(?:[^\]\n]|\n(?!\n))*?\]\(([^)\s]+)\)')
 FENCE = re.compile(r'^```[^\n]*\n(.*?)^```\n', re.S | re.M)
 
 
+def _field_names(cell: str) -> list[str]:
+  return re.findall(r'`([^`]+)`', cell)
+
+
+def documented_fields() -> tuple[dict[str, str], set[str]]:
+  """docs/testing.md, "Config fields and their tests": {field: its tests' cell} from the table,
+  and the names listed after it as not changing what a run computes."""
+  with open(os.path.join(ROOT, 'docs', 'testing.md')) as f:
+    section = f.read().split('## Config fields and their tests', 1)[1].split('\n## ', 1)[0]
+  table, _, rest = section.partition('Fields that do not change what a run computes')
+  rows = {}
+  for line in table.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) == 2 and cells[0].startswith('`'):
+      for name in _field_names(cells[0]):
+        rows[name] = cells[1]
+  return rows, set(_field_names(rest))
+
 def markdown_files() -> list[str]:
   docs = os.path.join(ROOT, 'docs')
   return [os.path.join(ROOT, 'README.md')] + sorted(
@@ -147,3 +165,22 @@ if __name__ == '__main__':
   if sys.argv[1:] != ['--write']:
     sys.exit('usage: python tests/test_docs.py --write')
   write()
+
+
+def _leaves(tree: dict, prefix: str = '') -> list[str]:
+  return [name for key, value in tree.items()
+          for name in (_leaves(value, f'{prefix}{key}.') if isinstance(value, dict)
+                       else [f'{prefix}{key}'])]
+
+
+def test_every_config_field_is_in_the_testing_table():
+  """Every field of a ConvNet step's and a reference's config has a row naming its tests, or is
+  listed as not changing what a run computes; the table names no field the config lacks."""
+  sys.path.insert(0, ROOT)
+  from configs.ladder import get_config  # pylint: disable=import-outside-toplevel
+  fields = {name for step in ('resnet50', 'convnext_t', 'swin_t', 'vit_s')
+            for name in _leaves(get_config(step).to_dict())}
+  rows, others = documented_fields()
+  assert not sorted(fields - set(rows) - others), 'config fields the table leaves out'
+  assert not [name for name, tests in rows.items() if not tests], 'rows without tests'
+  assert not sorted(set(rows) - fields), 'rows naming no config field'

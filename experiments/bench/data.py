@@ -8,9 +8,9 @@ Prints, for each augmentation preset, kind of worker (threads, processes, or gra
 processes driving the same batch function: `--kinds grain`, where grain is installed) and worker
 count asked for, the images/s of `pipeline.train_batches` consumed as fast as possible (the first
 batches, which include start-up, are not timed), per worker, the efficiency against one worker of
-the same kind, and the parent's CPU time per batch (with processes: receiving and copying a batch out;
-with threads it includes the threads' work). What is timed is the host's part: uint8 batches; the
-normalisation, Random Erasing and channel replication happen on the device
+the same kind, and the parent's CPU time per batch (with processes: receiving and copying a batch
+out; with threads it includes the threads' work). What is timed is the host's part: uint8 batches;
+the normalisation, Random Erasing and channel replication happen on the device
 (`pipeline.model_input`), and `--on-device` times them too (each batch sent to the default device
 and made a model input there, two in flight).
 
