@@ -3,11 +3,14 @@ its budgets and its command-line errors. No speed is asserted."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,9 +99,93 @@ def test_bad_stages_exit_2_with_one_line(tmp_path):
   r = _run('--out', str(tmp_path), '--stages', 'x', timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      "error: --stages: unknown stage 'x'; choose from a,b,c,d"]
+      "error: --stages: unknown stage 'x'; choose from a,b,c,d,e"]
   assert not (tmp_path / 'gpu_check.json').exists()
   r = _run('--out', str(tmp_path), '--b-variants', 'default,fast', timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
       "error: --b-variants: unknown variant 'fast'; choose from default,shift,cpu-paths"]
+
+
+def test_bad_stage_e_settings_exit_2_with_one_line(tmp_path):
+  for args, message in (
+      (('--budget-e', '0'), 'error: --budget-e must be positive'),
+      (('--budget-e', '-5'), 'error: --budget-e must be positive'),
+      (('--e-seeds', '0'), "error: argument --e-seeds: 0 is not positive"),
+      (('--e-epochs', 'four'), "error: argument --e-epochs: 'four' is not a number"),
+      (('--e-jobs', '1.5'), "error: argument --e-jobs: '1.5' is not an integer")):
+    r = _run('--out', str(tmp_path), '--stages', 'e', *args, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), (args, r.stderr)
+  assert not (tmp_path / 'gpu_check.json').exists()
+
+
+def test_stage_e_trains_the_make_ladder_gpu_ladder():
+  """Stage e's ladder is the one `make ladder-gpu` trains: the Makefile's options, seeds and
+  jobs, the data on the device, 8 updates per dispatch, the jobs sharing the device."""
+  from experiments.bench import gpu_check
+  make = (ROOT / 'Makefile').read_text()
+  variables = dict(l.split(' ?= ', 1) for l in make.splitlines() if ' ?= ' in l)
+  conf = gpu_check.settings(False)['e']
+  assert conf['steps'] == 'adopted' and conf['epochs'] is None
+  assert conf['options'] == variables['LADDER_OPTIONS']
+  assert conf['seeds'] == int(variables['LADDER_SEEDS'])
+  assert conf['jobs'] == int(variables['LADDER_GPU_JOBS'])
+  recipe = make.split('\nladder-gpu:', 1)[1].split('\n\n', 1)[0]
+  for flag in ('--share-device', f"--set data.placement={conf['placement']}",
+               f"--set steps_per_dispatch={conf['steps_per_dispatch']}", '--seeds $(LADDER_SEEDS)',
+               '--jobs $(LADDER_GPU_JOBS)', '--options $(LADDER_OPTIONS)', '--show'):
+    assert flag in recipe, flag
+  assert gpu_check.settings(True, e_seeds=2, e_epochs=1.5, e_jobs=3)['e'] == {
+      **gpu_check.settings(True)['e'], 'seeds': 2, 'epochs': 1.5, 'jobs': 3}
+
+
+def test_stage_e_dry_run_trains_the_ladder_with_the_data_on_the_device(tmp_path):
+  out = tmp_path / 'out'
+  r = _run('--out', str(out), '--dry-run', '--stages', 'e', env={'MODERNIZE_GPU_CHECK_FAIL': ''})
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  data = json.loads((out / 'gpu_check.json').read_text())
+  assert set(data['stages']) == {'env', 'e'} and data['failed']['e'] == 0
+  e = data['stages']['e']
+  assert e['status'] == 'done' and not e['skipped'], e
+  runs = _stage_cases(data, 'e')
+  assert set(runs) == {'resnet50 seed 0', 'convnext_t seed 0'}
+  for c in runs.values():
+    assert c['status'] == 'ok' and c['placement'] == 'device' and 0 <= c['top1'] <= 100, c
+    assert c['updates'] > 0 and c['batch'] == 32 and c['compile_s'] > 0 and c['train_s'] > 0
+  lad = e['ladder']
+  assert {'wall_s', 'aggregate_img_s', 'training_img_s', 'images', 'compile_s', 'train_s', 'runs',
+          'planned', 'jobs', 'seeds', 'placement', 'steps_per_dispatch'} <= set(lad)
+  assert lad['runs'] == lad['planned'] == 2 and lad['placement'] == 'device'
+  assert lad['images'] == sum(c['updates'] * c['batch'] for c in runs.values())
+  assert lad['aggregate_img_s'] == pytest.approx(lad['images'] / lad['wall_s'])
+  # Each step's top-1 beside the committed CPU ladder's.
+  assert e['cpu_ladder'] == 'results/ladder_4ep/ladder.json'
+  steps = {s['step']: s for s in e['steps']}
+  assert set(steps) == {'resnet50', 'convnext_t'}
+  for name, s in steps.items():
+    assert s['n'] == 1 and s['top1'] == pytest.approx(runs[f'{name} seed 0']['top1'])
+    assert s['cpu_n'] == 4 and s['difference'] == pytest.approx(s['top1'] - s['cpu_top1'])
+  # The runs shared the device: no job was pinned to a share of the cores.
+  rows = list(csv.DictReader((out / 'ladder_gpu' / 'steps.csv').open()))
+  assert {r['cpu_cores'] for r in rows} == {str(len(os.sched_getaffinity(0)))}
+  assert {'steps.csv', 'run_times.jsonl', 'ladder.md', 'ladder.json'} <= set(
+      os.listdir(out / 'ladder_gpu'))
+  md = (out / 'gpu_check.md').read_text()
+  assert '## e: the GPU ladder' in md and '| resnet50 | ' in md and 'img/s aggregate' in md
+
+
+def test_stage_e_past_its_budget_or_failing_records_it(tmp_path):
+  r = _run('--out', str(tmp_path / 'budget'), '--dry-run', '--stages', 'e', '--budget-e', '0.0001')
+  assert r.returncode == 0, r.stderr[-3000:]
+  e = json.loads((tmp_path / 'budget' / 'gpu_check.json').read_text())['stages']['e']
+  assert e['status'] == 'stopped (budget)' and e['wall_s'] < 60, e
+  assert set(e['skipped']) == {'resnet50 seed 0', 'convnext_t seed 0'}
+  assert e['ladder']['runs'] == 0 and e['ladder']['aggregate_img_s'] is None
+  # The ladder itself failing (a bad trainer flag): the stage fails in one line, exit code 0.
+  r = _run('--out', str(tmp_path / 'failed'), '--dry-run', '--stages', 'e',
+           env={'MODERNIZE_GPU_CHECK_FAIL': 'e:ladder'})
+  assert r.returncode == 0, r.stderr[-3000:]
+  e = json.loads((tmp_path / 'failed' / 'gpu_check.json').read_text())['stages']['e']
+  assert e['status'] == 'failed' and 'no_such_flag' in e['error'] and '\n' not in e['error'], e
+  assert [l for l in r.stdout.splitlines() if l.startswith('FAILED stage e')]

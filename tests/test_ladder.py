@@ -32,6 +32,26 @@ def test_plan_takes_side_branches_with_side_or_by_name():
       ('resnet50', 0), ('resnet50', 1), ('grn', 0), ('grn', 1)]   # ladder order
 
 
+def test_jobs_sharing_a_device_are_not_pinned_and_split_its_memory(monkeypatch, tmp_path):
+  """--share-device: any number of jobs on any number of cores, none pinned, each preallocating an
+  equal share of the accelerator's memory (unless the user set one), the runs seed-major."""
+  cores = len(os.sched_getaffinity(0))
+  assert ladder_run.core_groups(cores + 3, shared=True) == [None] * (cores + 3)
+  with pytest.raises(ladder_run.UsageError, match=r'^--jobs \d+: only \d+ cores'):
+    ladder_run.core_groups(cores + 3)
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
+  assert ladder_run.shared_device_env(4) == {'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.225'}
+  assert ladder_run.shared_device_env(1) == {}
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.1')
+  assert ladder_run.shared_device_env(4) == {}
+  assert ladder_run.plan('resnet50', ['grn', 'resnet50'], 2, False, seed_major=True) == [
+      ('resnet50', 0), ('grn', 0), ('resnet50', 1), ('grn', 1)]
+  res = subprocess.run(ladder_cmd('run', '--out', str(tmp_path), '--share-device', '--jobs', '0'),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2 and res.stderr.startswith('error: --jobs') and \
+      res.stderr.count('\n') == 1, res.stderr
+
+
 def test_killed_ladder_resumes_without_retraining(tmp_path):
   """Two runs at a time (--jobs 2), killed with the whole process group, then run again."""
   out = str(tmp_path / 'ladder')

@@ -1,10 +1,12 @@
 """The GPU acceptance run: one command, at most 8 minutes on one GPU with 16 cores and no internet.
 
-  python -m experiments.bench.gpu_check --out DIR [--stages a,b,c,d] [--b-steps S] [--b-variants V]
-                                            [--dry-run]
+  python -m experiments.bench.gpu_check --out DIR [--stages a,b,c,d,e] [--b-steps S]
+                                            [--b-variants V] [--e-seeds N] [--e-epochs X]
+                                            [--e-jobs N] [--dry-run]
 
-Stages (each with a time budget, --budget-a ... --budget-d, defaults 120 + 230 + 40 + 150 = 540 s,
-leaving ~60 s for start-up, the environment probe and overruns: a stage stops between cases):
+Stages (each with a time budget, --budget-a ... --budget-e; the default stages a-d 120 + 230 + 40 +
+150 = 540 s, leaving ~60 s for start-up, the environment probe and overruns: a stage stops between
+cases):
   a  every adopted ladder step trained through the real trainer (`python -m experiments.train`,
      one subprocess per step) on Fashion-MNIST: top-1, train img/s, compile (first step) time.
      Choice: scale cpu, 32x32x1, batch 128, the CPU miniature recipe (`miniature`: learning rates
@@ -33,13 +35,25 @@ leaving ~60 s for start-up, the environment probe and overruns: a stage stops be
      RandAugment(2, 9), Random Erasing), batch 128: threads (os.cpu_count(), half of it, 1) and
      worker processes (os.cpu_count() - 1, half, 1); then ResNet-50 in bfloat16 trained from the
      pipeline (os.cpu_count() - 1 worker processes) against its rate on synthetic input.
+  e  the default CPU ladder trained on the GPU as `make ladder-gpu` trains it (not in the default
+     stages: `--stages e`, budget --budget-e, default 480 s): `python -m experiments.ladder run
+     --share-device` over the 14 adopted steps x 4 seeds (--e-seeds), 4 epochs (the miniature's;
+     --e-epochs), 4 trainer processes sharing the GPU (--e-jobs), the data on the device with 8
+     updates per dispatch, a fresh compilation cache (later seeds reuse a step's programs); then
+     `ladder show`. Records every run (top-1, train img/s, compile and train time), the ladder's
+     wall time, its aggregate img/s (the runs' updates x batch over that wall time) and its img/s
+     of training (over the runs' summed train time / jobs), and each step's mean top-1 beside the
+     committed CPU ladder's (results/ladder_4ep/ladder.json); copies the step table, run times
+     and ladder view to DIR/ladder_gpu/. Past its budget the runs are stopped (SIGTERM: they save)
+     and those not finished are recorded as skipped.
 
 Writes DIR/gpu_check.json (rewritten atomically after every case, so a timeout keeps what
 finished) and DIR/gpu_check.md (a table per stage); prints one line per case. A failing case is
 recorded as failed with its error in one line, and the run goes on; a stage past its budget stops
 cleanly, recording the cases it skipped. Exit code 0 when the run reached its end (whatever failed:
 read the JSON's 'failed' counts), 2 for bad arguments. `--dry-run`: the same code paths at tiny
-sizes on the CPU (2 ladder steps, 32px / batch 2 benchmarks), ~2-3 minutes here.
+sizes on the CPU (2 ladder steps, 32px / batch 2 benchmarks; stage e: 2 steps x 1 seed of the
+smoke option, 2 jobs), ~2-3 minutes here.
 
 On the lent GPU machine (Python 3.12, jax 0.11 with CUDA, torch, timm; no ml_collections, no
 network), from the repository root with carry = ['.whl', '.data'] (wheels of ml_collections and of
@@ -60,20 +74,29 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 from experiments import outputs
-from experiments.cli import ArgumentParser, UsageError, guarded, names
+from experiments.cli import ArgumentParser, UsageError, guarded, names, positive
 
 ROOT = outputs.REPOSITORY
-STAGES = ('a', 'b', 'c', 'd')
+STAGES = ('a', 'b', 'c', 'd', 'e')
+DEFAULT_STAGES = 'a,b,c,d'   # e, the whole GPU ladder, takes a command of its own
 STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
-               'c': 'depthwise conv', 'd': 'input pipeline'}
-# Each stage's budget, set from what the stages took on the first GPU run (docs/gpu.md).
-BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 150.0}
+               'c': 'depthwise conv', 'd': 'input pipeline', 'e': 'the GPU ladder'}
+# Each stage's budget, set from what the stages took on the first GPU run (docs/gpu.md); e's from
+# an estimate (not yet run on a GPU): 14 cold compiles, then 42 runs that reuse them.
+BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 150.0, 'e': 480.0}
+# Stage e: the ladder `make ladder-gpu` trains (Makefile: LADDER_OPTIONS, LADDER_SEEDS,
+# LADDER_GPU_JOBS and the ladder-gpu target's --set flags; tests/test_gpu_check.py compares them),
+# and the committed CPU ladder its numbers are set beside.
+GPU_LADDER = {'options': 'data=fashion_mnist,scale=cpu,image_size=32,batch=128,miniature',
+              'seeds': 4, 'jobs': 4, 'placement': 'device', 'steps_per_dispatch': 8}
+CPU_LADDER = os.path.join('results', 'ladder_4ep', 'ladder.json')
 # Environment of every JAX subprocess: share the GPU instead of taking 75% of it each.
 JAX_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'TF_CPP_MIN_LOG_LEVEL': '2'}
 # Stage b's variants (--b-variants): the JAX step traced with these variables (modernize.backend,
@@ -106,13 +129,18 @@ def _forced(stage: str, case: str) -> bool:
 
 # --- settings -------------------------------------------------------------------------------------
 
-def settings(dry_run: bool, b_steps=None, b_variants=('default',)) -> dict:
+def settings(dry_run: bool, b_steps=None, b_variants=('default',), e_seeds=None, e_epochs=None,
+             e_jobs=None) -> dict:
   """Every stage's sizes; stage b's models (default ConvNeXt-T and ResNet-50, ConvNeXt-T alone in
-  a dry run) and `VARIANTS` as given."""
+  a dry run) and `VARIANTS` as given; stage e's seeds, epochs (None: the options' own) and jobs
+  where given."""
   conf = _sizes(dry_run)
   if b_steps:
     conf['b']['steps'] = list(b_steps)
   conf['b']['variants'] = list(b_variants)
+  for key, value in (('seeds', e_seeds), ('epochs', e_epochs), ('jobs', e_jobs)):
+    if value is not None:
+      conf['e'][key] = value
   return conf
 
 
@@ -129,7 +157,9 @@ def _sizes(dry_run: bool) -> dict:
             'd': {'image_size': 64, 'batch': 16, 'steps': 3, 'warmup': 1, 'jpeg_images': 24,
                   'workers': {'threads': [2, 1], 'processes': [2, 1]}, 'fed_step': 'resnet50',
                   'fed_dtype': 'bfloat16', 'fed_depths': (1, 1, 1, 1), 'fed_workers': 2,
-                  'fed_steps': 2}}
+                  'fed_steps': 2},
+            'e': {'steps': 'ends', 'options': 'data=fashion_mnist,smoke,miniature', 'seeds': 1,
+                  'epochs': None, 'jobs': 2, 'placement': 'device', 'steps_per_dispatch': 8}}
   procs = max(2, min(14, cpus - 2))   # 14 adopted steps: all at once on 16 cores
   return {'a': {'steps': 'adopted', 'options': 'miniature', 'updates': 300, 'batch': 128,
                 'procs': procs, 'threads': max(1, cpus // procs), 'image_size': 32},
@@ -144,7 +174,8 @@ def _sizes(dry_run: bool) -> dict:
                             'processes': sorted({max(1, cpus - 1), max(1, cpus // 2), 1},
                                                 reverse=True)},
                 'fed_step': 'resnet50', 'fed_dtype': 'bfloat16', 'fed_depths': None,
-                'fed_workers': max(1, cpus - 1), 'fed_steps': 30}}
+                'fed_workers': max(1, cpus - 1), 'fed_steps': 30},
+          'e': {'steps': 'adopted', 'epochs': None, **GPU_LADDER}}
 
 
 # --- the result file ------------------------------------------------------------------------------
@@ -228,6 +259,8 @@ def markdown(data: dict) -> str:
                 f"{_f(c.get('img_s_per_worker'), '.0f')} | {_f(c.get('parent_ms'), '.2f')} | "
                 f"{_f(c.get('synthetic_img_s'), '.0f')} | "
                 f"{_f(c.get('fed_over_synthetic'), '.2f')} |" for c in cases]
+    elif key == 'e':
+      lines += _markdown_e(st)
     failed = [c for c in cases if c.get('status') == 'failed']
     if failed:
       lines += [''] + [f"- failed {c['case']}: {c.get('error')}" for c in failed]
@@ -236,6 +269,30 @@ def markdown(data: dict) -> str:
                 + ', '.join(st['skipped'])]
     lines.append('')
   return '\n'.join(lines)
+
+
+def _markdown_e(st: dict) -> list[str]:
+  """Stage e's summary line and its steps, the GPU ladder's top-1 beside the CPU ladder's."""
+  lad = st.get('ladder') or {}
+  if not lad:
+    return []
+  lines = [f"{lad['runs']} of {lad['planned']} runs ({lad['steps']} steps x {lad['seeds']} "
+           f"seed(s), {lad['jobs']} at a time sharing the device, data.placement "
+           f"{lad['placement']}, {lad['steps_per_dispatch']} updates per dispatch; options "
+           f"`{lad['options']}`) in {_f(lad.get('wall_s'))} s: "
+           f"{_f(lad.get('aggregate_img_s'), '.0f')} img/s aggregate (updates x batch over the "
+           "wall time), "
+           f"{_f(lad.get('training_img_s'), '.0f')} img/s of training; compiles "
+           f"{_f(lad.get('compile_s'))} s summed over the runs, training "
+           f"{_f(lad.get('train_s'))} s.", '',
+           "| step | top-1 % here (n) | CPU ladder top-1 % (n) | here - CPU |",
+           '|---|---|---|---|']
+  for row in st.get('steps', []):
+    here = f"{_f(row.get('top1'), '.2f')} ({row.get('n', 0)})"
+    cpu = (f"{_f(row.get('cpu_top1'), '.2f')} ({row.get('cpu_n')})"
+           if row.get('cpu_top1') is not None else '-')
+    lines.append(f"| {row['step']} | {here} | {cpu} | {_f(row.get('difference'), '+.2f')} |")
+  return lines + ['', f"CPU ladder: {st.get('cpu_ladder') or 'not found'}."]
 
 
 # --- stage workers (subprocesses: a crash or a hung GPU costs one stage, not the run) -----------
@@ -514,7 +571,8 @@ def _report_case(stage: str, case: dict) -> None:
   if case['status'] == 'skipped':
     _log(f"{stage} {case['case']}: skipped ({case.get('error', 'stage budget spent')})")
     return
-  keys = {'a': ('top1', 'train_img_s', 'compile_s'), 'c': ('fwd_ms', 'fwd_bwd_ms'),
+  keys = {'a': ('top1', 'train_img_s', 'compile_s'), 'e': ('top1', 'train_img_s', 'compile_s'),
+          'c': ('fwd_ms', 'fwd_bwd_ms'),
           'd': ('img_s', 'parent_ms', 'fed_over_synthetic')}.get(stage, ())
   shown = ', '.join(f'{k} {case[k]:.2f}' for k in keys if case.get(k) is not None)
   _log(f"{stage} {case['case']}: ok {shown}")
@@ -628,12 +686,178 @@ def stage_b(conf: dict, budget: float, st: dict, save) -> None:
         record(c, skipped)
 
 
+# --- stage e: the GPU ladder (make ladder-gpu) ---------------------------------------------------
+
+def _read_csv(path: str) -> list[dict]:
+  import csv
+  try:
+    with open(path, newline='') as f:
+      return list(csv.DictReader(f))
+  except OSError:
+    return []
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  try:
+    with open(path) as f:
+      return [json.loads(l) for l in f if l.strip()]
+  except (OSError, ValueError):
+    return []
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
+  """SIGTERM to the ladder and its trainers (each saves a checkpoint and exits); SIGKILL to what is
+  left after `grace` seconds."""
+  import signal
+  try:
+    os.killpg(proc.pid, signal.SIGTERM)
+  except ProcessLookupError:
+    return
+  deadline = time.time() + grace
+  while time.time() < deadline:
+    try:
+      os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+      break
+    proc.poll()
+    time.sleep(0.5)
+  else:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  proc.wait()
+
+
+def stage_e(conf: dict, budget: float, out_dir: str, st: dict, save) -> None:
+  """The ladder `make ladder-gpu` trains, through `python -m experiments.ladder run --share-device`
+  (its own process group, stopped at the budget), in a temporary OUT with a fresh compilation
+  cache; one case per run as its row and run time arrive; then `ladder show`, the summary
+  (`st['ladder']`) and each step's top-1 beside the committed CPU ladder's (`st['steps']`)."""
+  from modernize import LADDER
+  adopted = LADDER.names(include_side=False)
+  steps = adopted if conf['steps'] == 'adopted' else [adopted[0], adopted[-1]]
+  work = tempfile.mkdtemp(prefix='gpu_check_e_')
+  ladder_out = os.path.join(work, 'ladder')
+  options = conf['options'] + (f",epochs={conf['epochs']:g}" if conf.get('epochs') else '')
+  command = ['-m', 'experiments.ladder', 'run', '--out', ladder_out, '--steps', ','.join(steps),
+             '--seeds', str(conf['seeds']), '--jobs', str(conf['jobs']), '--share-device',
+             '--options', options, '--set', f"data.placement={conf['placement']}",
+             '--set', f"steps_per_dispatch={conf['steps_per_dispatch']}"]
+  if _forced('e', 'ladder'):
+    command += ['--set', 'model.no_such_flag=1']
+  # The trainers preallocate their share of the GPU (--share-device), as under make ladder-gpu.
+  env = {**os.environ, **{k: v for k, v in JAX_ENV.items() if k != 'XLA_PYTHON_CLIENT_PREALLOCATE'},
+         'MODERNIZE_COMPILATION_CACHE': os.path.join(work, 'jax_cache'),
+         'PYTHONPATH': os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))}
+  st['command'] = 'python ' + ' '.join(command)
+  planned = [(step, seed) for seed in range(conf['seeds']) for step in steps]
+  table, times_file = (os.path.join(ladder_out, f) for f in ('steps.csv', 'run_times.jsonl'))
+  recorded = {}
+
+  def record_new() -> None:
+    rows = {(r['step'], int(r['seed'])): r for r in _read_csv(table)}
+    for t in _read_jsonl(times_file):   # a run's times are written after its row
+      pair = (t['step'], int(t['seed']))
+      if pair in recorded or pair not in rows:
+        continue
+      r = rows[pair]
+      case = {'case': f'{pair[0]} seed {pair[1]}', 'status': 'ok', 'step': pair[0],
+              'seed': pair[1], 'updates': int(r['steps']), 'batch': int(r['batch_size']),
+              'top1': float(r['top1']), 'train_img_s': float(r['train_img_per_s']),
+              'placement': r.get('placement'), 'device_kind': r.get('device_kind'),
+              'compile_s': t.get('compile_s'), 'train_s': t.get('train_s'),
+              'eval_s': t.get('eval_s'), 'wall_s': t.get('seconds')}
+      recorded[pair] = case
+      _report_case('e', case)
+      st['cases'].append(case)
+      save()
+
+  log = tempfile.TemporaryFile(mode='w+')
+  start = time.time()
+  proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=log,
+                          stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+  stopped = False
+  try:
+    while proc.poll() is None:
+      if time.time() - start > budget:
+        stopped = True
+        _stop_group(proc)
+        break
+      record_new()
+      time.sleep(1.0)
+  finally:
+    if proc.poll() is None:
+      _stop_group(proc, grace=10.0)
+  wall = time.time() - start
+  record_new()
+  log.seek(0)
+  output = log.read()
+  log.close()
+  runs = list(recorded.values())
+  images = sum(c['updates'] * c['batch'] for c in runs)
+  train_s = sum(c['train_s'] or 0.0 for c in runs)
+  jobs = min(conf['jobs'], len(runs)) or 1
+  st['ladder'] = {'planned': len(planned), 'runs': len(runs), 'steps': len(steps),
+                  'seeds': conf['seeds'], 'jobs': conf['jobs'], 'options': options,
+                  'placement': conf['placement'], 'steps_per_dispatch': conf['steps_per_dispatch'],
+                  'epochs': conf.get('epochs'), 'wall_s': wall, 'images': images,
+                  'aggregate_img_s': images / wall if runs else None,
+                  'training_img_s': images / (train_s / jobs) if train_s else None,
+                  'train_s': train_s, 'compile_s': sum(c['compile_s'] or 0.0 for c in runs)}
+  if not stopped and proc.returncode != 0:
+    save()
+    raise RuntimeError(f'ladder exited {proc.returncode}: {_one_line(output)}')
+  for pair in planned:
+    if pair not in recorded:
+      case = {'case': f'{pair[0]} seed {pair[1]}', 'step': pair[0], 'seed': pair[1]}
+      case.update(status='skipped', error=f'not trained within the stage budget {budget:.0f} s')
+      st['skipped'].append(case['case'])
+      st['cases'].append(case)
+  keep = os.path.join(out_dir, 'ladder_gpu')
+  os.makedirs(keep, exist_ok=True)
+  if runs:
+    show = [sys.executable, '-m', 'experiments.ladder', 'show', '--out', ladder_out]
+    shown = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    if shown.returncode:   # e.g. no matplotlib: ladder.md and ladder.json are written first
+      st['show_error'] = _one_line(shown.stderr)
+  for name in ('steps.csv', 'run_times.jsonl', 'ladder.md', 'ladder.json', 'ladder.png'):
+    if os.path.exists(os.path.join(ladder_out, name)):
+      shutil.copyfile(os.path.join(ladder_out, name), os.path.join(keep, name))
+  st['steps'], st['cpu_ladder'] = _beside_cpu(os.path.join(ladder_out, 'ladder.json'))
+  save()
+
+
+def _ladder_steps(path: str) -> dict:
+  """Step name -> (mean top-1, n) of the first group of a `ladder show` ladder.json."""
+  try:
+    with open(path) as f:
+      groups = json.load(f).get('groups') or [{}]
+  except (OSError, ValueError):
+    return {}
+  return {s['name']: (s.get('mean'), s.get('n')) for s in groups[0].get('steps', [])}
+
+
+def _beside_cpu(path: str) -> tuple[list[dict], str | None]:
+  """Each step of the ladder.json at `path` beside the committed CPU ladder's (`CPU_LADDER`)."""
+  here = _ladder_steps(path)
+  cpu_path = os.path.join(ROOT, CPU_LADDER)
+  cpu = _ladder_steps(cpu_path)
+  rows = []
+  for name, (mean, n) in here.items():
+    cpu_mean, cpu_n = cpu.get(name, (None, None))
+    rows.append({'step': name, 'top1': mean, 'n': n, 'cpu_top1': cpu_mean, 'cpu_n': cpu_n,
+                 'difference': None if mean is None or cpu_mean is None else mean - cpu_mean})
+  return rows, (CPU_LADDER if cpu else None)
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 def parse_args(argv):
   p = ArgumentParser(prog='python -m experiments.bench.gpu_check', description=__doc__)
   p.add_argument('--out', help='directory for gpu_check.json and gpu_check.md')
-  p.add_argument('--stages', default='a,b,c,d', help='comma-separated subset of a,b,c,d')
+  p.add_argument('--stages', default=DEFAULT_STAGES,
+                 help=f"comma-separated subset of {','.join(STAGES)} (default %(default)s)")
   p.add_argument('--dry-run', action='store_true', help='tiny sizes on the CPU, same code paths')
   for s in STAGES:
     p.add_argument(f'--budget-{s}', type=float, default=BUDGETS[s],
@@ -643,6 +867,12 @@ def parse_args(argv):
   p.add_argument('--b-variants', default='default',
                  help=f"stage b's variants of the JAX step, comma-separated, from "
                       f"{','.join(VARIANTS)} (default %(default)s)")
+  p.add_argument('--e-seeds', type=positive(int),
+                 help=f"stage e's seeds per step (default {GPU_LADDER['seeds']})")
+  p.add_argument('--e-epochs', type=positive(float),
+                 help="stage e's epochs per run (default: the miniature's, 4)")
+  p.add_argument('--e-jobs', type=positive(int),
+                 help=f"stage e's trainer processes sharing the GPU (default {GPU_LADDER['jobs']})")
   p.add_argument('--worker', choices=['env', 'c', 'd'], help=argparse.SUPPRESS)
   p.add_argument('--conf', help=argparse.SUPPRESS)
   p.add_argument('--budget', type=float, help=argparse.SUPPRESS)
@@ -659,7 +889,7 @@ def main(argv=None) -> int:
     return 0
   stages = names(args.stages, STAGES, 'stage', '--stages')
   if not stages:
-    raise UsageError('--stages: give at least one of a,b,c,d')
+    raise UsageError(f"--stages: give at least one of {','.join(STAGES)}")
   if not args.out:
     raise UsageError('--out DIR is required')
   variants = names(args.b_variants, VARIANTS, 'variant', '--b-variants')
@@ -678,7 +908,7 @@ def main(argv=None) -> int:
   if args.dry_run:   # the CPU only, whatever the machine has
     JAX_ENV['JAX_PLATFORMS'] = 'cpu'
     JAX_ENV['CUDA_VISIBLE_DEVICES'] = ''
-  conf = settings(args.dry_run, b_steps, variants)
+  conf = settings(args.dry_run, b_steps, variants, args.e_seeds, args.e_epochs, args.e_jobs)
   report = Report(args.out, args, conf)
   t_start = time.time()
 
@@ -717,6 +947,8 @@ def main(argv=None) -> int:
       run_stage('a', lambda st: stage_a(conf['a'], budget, args.out, st, report.save))
     elif s == 'b':
       run_stage('b', lambda st: stage_b(conf['b'], budget, st, report.save))
+    elif s == 'e':
+      run_stage('e', lambda st: stage_e(conf['e'], budget, args.out, st, report.save))
     else:
       run_stage(s, streamed(s, budget))
   report.data['wall_s'] = time.time() - t_start

@@ -2,7 +2,7 @@
 
   python -m experiments.ladder steps [--ladder resnet50|resnet200] [--presets | --side] [--json]
   python -m experiments.ladder run --out DIR [--steps a,b,...] [--seeds N] [--side] [--jobs N]
-                                   [--references] [--options data=...,scale=...]
+                                   [--share-device] [--references] [--options data=...,scale=...]
                                    [--set field=value ...] [--plateau-check]
   python -m experiments.ladder show --out DIR [--table PATH]
   python -m experiments.ladder calibrate --out DIR --recipe original|enhanced --validation N
@@ -15,9 +15,11 @@
 adopted step it branches from; `--presets` the same for the named networks, the transformer
 references (Swin-T, ViT-S/16) beside their published GFLOPs.
 `run` trains each (step, seed) of the ladder once through `experiments.train` (finished ones, found
-in DIR/steps.csv, are skipped; an interrupted one resumes); `--references` adds the transformer
-references Swin-T and ViT-S/16 (`swin_t`, `vit_s`), trained under the enhanced recipe with the same
-options, and `show` draws them as reference lines beside the paper's figures. `show` renders
+in DIR/steps.csv, are skipped; an interrupted one resumes; `--jobs N` trains N at once, each pinned
+to its share of the cores, or with `--share-device` all sharing one GPU: `make ladder-gpu`,
+docs/gpu.md); `--references` adds the transformer references Swin-T and ViT-S/16 (`swin_t`,
+`vit_s`), trained under the enhanced recipe with the same options, and `show` draws them as
+reference lines beside the paper's figures. `show` renders
 DIR/steps.csv as DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the
 change from the previous adopted step, whether it is beyond 2 standard errors, and whether it
 agrees in sign with the paper). `compare` sets two ladders of one config (two budgets, scales or
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
   run.add_argument('--jobs', type=int, default=1,
                    help='runs trained at once, each in its own process pinned to its share of the '
                         'cores (default 1)')
+  run.add_argument('--share-device', action='store_true',
+                   help='the --jobs processes share one accelerator (a GPU): none pinned to cores, '
+                        'each given an equal share of its memory, the runs seed-major so that '
+                        "later seeds reuse a step's compiled programs (make ladder-gpu)")
   run.add_argument('--plateau-check', action='store_true',
                    help='train --steps (default resnet50, enhanced_recipe, convnext_t) as '
                         'configured (OUT/1x) and twice as long (OUT/2x); print and write '
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
       result = ladder_run.plateau_check(
           args.out, ladder_name=args.ladder, steps=names(args.steps) or None,
           seeds=args.seeds, options=args.options, overrides=args.set, isolate=args.isolate,
-          jobs=args.jobs)
+          jobs=args.jobs, share_device=args.share_device)
       print(ladder_run.format_plateau(result))
       print(f'wrote {args.out}/plateau.json')
       return 0
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
       ladder_run.run(args.out, ladder_name=args.ladder,
                      steps=names(args.steps) or None, seeds=args.seeds,
                      side=args.side, options=args.options, overrides=args.set,
-                     isolate=args.isolate, jobs=args.jobs, references=args.references)
+                     isolate=args.isolate, jobs=args.jobs, references=args.references,
+                     share_device=args.share_device)
     if args.command == 'show' and args.print:
       print(ladder_view.render(args.out, args.table, args.note)[0], end='')
       return 0

@@ -26,10 +26,11 @@ CONFIG = os.path.join(ROOT, 'configs', 'ladder.py')
 
 
 def plan(ladder_name: str, steps: list[str] | None, seeds: int, side: bool,
-         references: bool = False) -> list[tuple[str, int]]:
+         references: bool = False, seed_major: bool = False) -> list[tuple[str, int]]:
   """(step, seed) pairs in ladder order: every adopted step (and side branches with `side`), or
   exactly `steps`; then, with `references` (or where `steps` names them), the transformer
-  references Swin-T and ViT-S (`presets.REFERENCES`: `swin_t`, `vit_s`)."""
+  references Swin-T and ViT-S (`presets.REFERENCES`: `swin_t`, `vit_s`). Each step's seeds follow
+  it, or with `seed_major` every step's seed 0 comes first, then every step's seed 1, and so on."""
   ladder = ladders.get_ladder(ladder_name)
   if steps:
     for name in steps:
@@ -41,6 +42,8 @@ def plan(ladder_name: str, steps: list[str] | None, seeds: int, side: bool,
   names += [n for n in presets.REFERENCES if references or n in (steps or ())]
   if seeds < 1:
     raise UsageError(f'--seeds must be at least 1, got {seeds}')
+  if seed_major:
+    return [(name, seed) for seed in range(seeds) for name in names]
   return [(name, seed) for name in names for seed in range(seeds)]
 
 
@@ -161,14 +164,29 @@ class _Job:
       self._collect()
 
 
-def core_groups(jobs: int) -> list[set[int] | None]:
-  """This process's cores split into `jobs` disjoint groups (one job: no pinning)."""
-  if jobs == 1:
-    return [None]
+def core_groups(jobs: int, shared: bool = False) -> list[set[int] | None]:
+  """This process's cores split into `jobs` disjoint groups (one job, or jobs that share one
+  accelerator (`shared`): no pinning, any number of jobs)."""
+  if jobs == 1 or shared:
+    return [None] * jobs
   cores = sorted(os.sched_getaffinity(0))
   if jobs > len(cores):
     raise UsageError(f'--jobs {jobs}: only {len(cores)} cores are available to this process')
   return [set(cores[i::jobs]) for i in range(jobs)]
+
+
+# With --share-device, the part of the accelerator's memory all the jobs together take: each job
+# preallocates SHARED_MEMORY / jobs of it (XLA_PYTHON_CLIENT_MEM_FRACTION), so that N processes fit
+# on the one device; the rest is left to the CUDA contexts and to other programs.
+SHARED_MEMORY = 0.9
+
+
+def shared_device_env(jobs: int) -> dict[str, str]:
+  """The environment of each of `jobs` processes sharing one accelerator: an equal share of its
+  memory, unless XLA_PYTHON_CLIENT_MEM_FRACTION is set already (then that is every job's)."""
+  if jobs == 1 or 'XLA_PYTHON_CLIENT_MEM_FRACTION' in os.environ:
+    return {}
+  return {'XLA_PYTHON_CLIENT_MEM_FRACTION': f'{SHARED_MEMORY / jobs:.3f}'}
 
 
 # How often a ladder whose remaining runs are all being trained by another process looks again.
@@ -178,12 +196,19 @@ WAIT_S = 2.0
 def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
         seeds: int = 1, side: bool = False, options: str = '', overrides: list[str] = (),
         isolate: bool = False, env: dict | None = None, jobs: int = 1,
-        references: bool = False) -> int:
+        references: bool = False, share_device: bool = False) -> int:
   """Trains what is missing; returns the number of runs trained by this process (`references`:
   Swin-T and ViT-S too, under the same options, after the ladder's steps). Runs train in this
   process (one import, one compilation cache), or each in its own process with `isolate`, or
   `jobs` at a time, each in its own process pinned to its share of the cores (on a few cores, two
   small runs side by side train more images per second than one run on both).
+
+  `share_device`: the `jobs` processes share one accelerator (a GPU): none is pinned to cores (any
+  number of jobs on any number of cores), each preallocates an equal share of the device's memory
+  (`shared_device_env`), and the runs go seed-major (`plan`), so that the jobs train different
+  steps at once and each step's later seeds load its compiled programs from the persistent
+  compilation cache instead of compiling them again. Nothing checks that there is an accelerator:
+  on the CPU the jobs run unpinned.
 
   Several ladders may work on one OUT at once: a run is trained by the process that claims its
   workdir (experiments/training/workdir.py); the others skip it, train what is unclaimed, and then
@@ -191,8 +216,10 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   is then trained here). Each (step, seed) gets one row."""
   if jobs < 1:
     raise UsageError(f'--jobs must be at least 1, got {jobs}')
-  groups = core_groups(jobs)
-  pairs = plan(ladder_name, steps, seeds, side, references)
+  groups = core_groups(jobs, share_device)
+  if share_device:
+    env = {**shared_device_env(jobs), **(env or {})}
+  pairs = plan(ladder_name, steps, seeds, side, references, seed_major=share_device)
   os.makedirs(out, exist_ok=True)
   table = os.path.join(out, 'steps.csv')
   configs = {pair: _resolve(_config_arg(*pair, ladder_name, options), list(overrides))
@@ -206,7 +233,8 @@ def run(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = No
   # Time left is estimated per epoch of training (the original recipe's runs are shorter).
   work = {p: configs[p].epochs for p in todo}
   print(f'ladder {ladder_name}: {len(pairs)} runs, {len(pairs) - len(todo)} already in {table}, '
-        f'{len(todo)} to train' + (f', {jobs} at a time' if jobs > 1 else ''), flush=True)
+        f'{len(todo)} to train' + (f', {jobs} at a time' if jobs > 1 else '')
+        + (' sharing one device' if share_device and jobs > 1 else ''), flush=True)
   start, done_work, started, trained = time.time(), 0.0, 0, 0
   times_file = os.path.join(out, 'run_times.jsonl')
 
@@ -284,7 +312,8 @@ PLATEAU_STEPS = ('resnet50', 'enhanced_recipe', 'convnext_t')
 
 def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] | None = None,
                   seeds: int = 1, options: str = '', overrides: list[str] = (),
-                  isolate: bool = False, factor: float = 2.0, jobs: int = 1) -> dict:
+                  isolate: bool = False, factor: float = 2.0, jobs: int = 1,
+                  share_device: bool = False) -> dict:
   """Trains `steps` (default: the ladder's first step, the first of the enhanced recipe and the
   last) as configured (OUT/1x) and `factor` times as long (OUT/2x); returns and writes
   OUT/plateau.json: per step the mean (and std) test and validation top-1 at both lengths and their
@@ -298,7 +327,7 @@ def plateau_check(out: str, *, ladder_name: str = 'resnet50', steps: list[str] |
   for name, opts in lengths.items():
     print(f'plateau check: {name}', flush=True)
     run(os.path.join(out, name), ladder_name=ladder_name, steps=steps, seeds=seeds, options=opts,
-        overrides=overrides, isolate=isolate, jobs=jobs)
+        overrides=overrides, isolate=isolate, jobs=jobs, share_device=share_device)
   result = {'factor': factor, 'seeds': seeds, 'options': options, 'steps': {}}
   for step in steps:
     entry = {}
