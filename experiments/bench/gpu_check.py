@@ -731,13 +731,21 @@ def _stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
 
 def stage_e(conf: dict, budget: float, out_dir: str, st: dict, save) -> None:
   """The ladder `make ladder-gpu` trains, through `python -m experiments.ladder run --share-device`
-  (its own process group, stopped at the budget), in a temporary OUT with a fresh compilation
-  cache; one case per run as its row and run time arrive; then `ladder show`, the summary
-  (`st['ladder']`) and each step's top-1 beside the committed CPU ladder's (`st['steps']`)."""
+  (its own process group, stopped at the budget), in a temporary OUT (removed at the end, what is
+  kept copied to OUT_DIR/ladder_gpu) with a fresh compilation cache; one case per run as its row
+  and run time arrive; then `ladder show`, the summary (`st['ladder']`) and each step's top-1
+  beside the committed CPU ladder's (`st['steps']`)."""
+  work = tempfile.mkdtemp(prefix='gpu_check_e_')
+  try:
+    _ladder_e(conf, budget, out_dir, st, save, work)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _ladder_e(conf: dict, budget: float, out_dir: str, st: dict, save, work: str) -> None:
   from modernize import LADDER
   adopted = LADDER.names(include_side=False)
   steps = adopted if conf['steps'] == 'adopted' else [adopted[0], adopted[-1]]
-  work = tempfile.mkdtemp(prefix='gpu_check_e_')
   ladder_out = os.path.join(work, 'ladder')
   options = conf['options'] + (f",epochs={conf['epochs']:g}" if conf.get('epochs') else '')
   command = ['-m', 'experiments.ladder', 'run', '--out', ladder_out, '--steps', ','.join(steps),
