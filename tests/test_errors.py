@@ -190,7 +190,7 @@ def test_ladder_refuses_a_remote_out(command):
 
 def test_the_divergence_message_says_whether_a_checkpoint_is_kept(tmp_path):
   workdir = str(tmp_path)
-  losses = [np.float32(2.3), np.float32('nan')]
+  losses = [(np.float32(2.3), 1), (np.float32('nan'), 1)]   # (device losses, updates) per dispatch
   with pytest.raises(loop.TrainingDiverged, match='at step 6; no checkpoint was saved'):
     loop._finite_losses(losses, 6, workdir)
   os.makedirs(tmp_path / 'checkpoints' / '4')
