@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from configs import ladder as ladder_config
 from configs.ladder import get_config
 from experiments.ladder import run as ladder_run
 from experiments.training import recipe, runconfig
@@ -23,8 +24,14 @@ def test_reference_configs_take_the_enhanced_recipe_and_the_ladders_scale():
     cfg = runconfig.net_config(config, num_classes=10, in_channels=1)
     assert type(cfg) is kind and cfg.img_size == 32 and config.step_index == -1
     assert config.recipe == 'enhanced' and config.seed == 2
-    # The same recipe, data and duration as the ladder's last step.
-    assert config.optimizer.to_dict() == convnext.optimizer.to_dict()
+    # The same recipe, data and duration as the ladder's last step, but for the learning rate
+    # calibrated for the reference.
+    assert config.optimizer.base_lr == ladder_config.MINIATURE_REFERENCES[name]['base_lr']
+    assert config.optimizer.base_lr != convnext.optimizer.base_lr
+    assert {**config.optimizer.to_dict(), 'base_lr': None} == \
+        {**convnext.optimizer.to_dict(), 'base_lr': None}
+    # Without the miniature: the paper's enhanced recipe, as the ConvNets'.
+    assert get_config(name).optimizer.to_dict() == get_config('convnext_t').optimizer.to_dict()
     assert config.augment.to_dict() == convnext.augment.to_dict()
     assert config.data.to_dict() == convnext.data.to_dict()
     assert (config.epochs, config.batch_size) == (convnext.epochs, convnext.batch_size)

@@ -18,7 +18,8 @@ references (Swin-T, ViT-S/16) beside their published GFLOPs.
 in DIR/steps.csv, are skipped; an interrupted one resumes; `--jobs N` trains N at once, each pinned
 to its share of the cores, or with `--share-device` all sharing one GPU: `make ladder-gpu`,
 docs/gpu.md); `--references` adds the transformer references Swin-T and ViT-S/16 (`swin_t`,
-`vit_s`), trained under the enhanced recipe with the same options, and `show` draws them as
+`vit_s`), trained under the enhanced recipe with the same options (under the miniature at a
+learning rate of their own), and `show` draws them as
 reference lines beside the paper's figures. `show` renders
 DIR/steps.csv as DIR/ladder.md, DIR/ladder.png and DIR/ladder.json (per step: mean, std, n, the
 change from the previous adopted step, whether it is beyond 2 standard errors, and whether it

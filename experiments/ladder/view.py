@@ -293,7 +293,8 @@ def markdown(groups: dict[tuple, list[dict]], extra: dict, note: str = '',
               '']
     if refs:
       lines += ['ref: a transformer reference (`ladder run --references`), trained under the '
-                'enhanced recipe with the same options, shrunk by the same scale '
+                'enhanced recipe with the same options (under the miniature at its own learning '
+                'rate, `MINIATURE_REFERENCES`), shrunk by the same scale '
                 '(configs/ladder.py, `reference_model`); paper: Swin-T 81.3 / 4.5 GFLOPs (Swin '
                 'paper, ConvNeXt paper Table 1), ViT-S/16 = DeiT-S 79.8 / 4.6 GFLOPs (DeiT paper '
                 'Table 1).', '']
