@@ -158,14 +158,13 @@ def test_train_batch_is_the_host_pipelines_batch(fashion, large):
                                    seed=seed, augment=augment, num_examples=256)
   config = D.for_dataset('fashion_mnist', image_size=32, augment=augment)
   assert config == D.DeviceTransform(32, augment, (73,), False)
-  data = pipeline._Split('fashion_mnist', None, 'train', 0, 256, datasets.info('fashion_mnist'))
-  images = D.prepare_split(data.images, config)
-  assert images.shape[1:] == ((28, 28, 1) if large else (32, 32, 1))
+  images, labels = builder.arrays()     # what the trainer uploads
+  assert images.shape == ((256, 28, 28, 1) if large else (256, 32, 32, 1))
   for step in (0, 5):                    # 5: across the epoch boundary of the 256 examples
-    indices, positions = pipeline.train_indices(len(data), seed=seed, step=step,
+    indices, positions = pipeline.train_indices(len(images), seed=seed, step=step,
                                                 batch_size=batch_size)
     params = D.host_params(A.example_keys(seed, positions), config, *images.shape[1:3])
-    ours = _train_batch(images, indices, params, config, labels=data.labels)
+    ours = _train_batch(images, indices, params, config, labels=labels)
     host = builder(step)
     assert ours.keys() == host.keys()
     for key in host:
@@ -191,8 +190,7 @@ def test_train_batch_rgb_against_the_host_transform(large, channels):
   assert config.luma == (channels == 1)
   assert config.fill == ((123,) if channels == 1 else (102, 128, 153))   # the mean (of the luma)
   stored = _smooth_rgb(64, 24, 24)
-  images = D.prepare_split(stored, config)
-  np.testing.assert_array_equal(images, transform.presize(stored))
+  images = transform.presize(stored)
   indices = np.random.default_rng(1).permutation(64)[:48]
   keys = A.example_keys(1, np.arange(100, 148))
   ours = _train_batch(images, indices, D.host_params(keys, config, *images.shape[1:3]), config)
@@ -219,5 +217,5 @@ def test_an_op_without_a_device_version_refuses_the_recipe(monkeypatch):
 def test_small_recipe_needs_images_resized_to_the_output_size():
   config = D.DeviceTransform(32, A.AugmentConfig.standard(False), (0, 0, 0))
   params = D.host_params(KEYS[:2], config, 20, 24)
-  with pytest.raises(ValueError, match='prepare_split'):
+  with pytest.raises(ValueError, match=r'resized to 32x32 \(pipeline.TrainBatches.arrays\)'):
     D.train_batch(RGB, [0, 1], params, config)

@@ -36,8 +36,9 @@ Design:
   op of `augment.RANDAUGMENT_OP_NAMES` that has no device version makes `check_supported` refuse
   the recipe with one line naming it.
 * **Uploaded images.** Small-image recipes crop the split resized once to the output size
-  (`pipeline._Transform.presize`; `prepare_split` here); the random-resized crop resamples the
-  stored images. Only in-memory data sets (all images one size) can live on the device.
+  (`pipeline._Transform.presize`, as `pipeline.TrainBatches.arrays` gives them); the
+  random-resized crop resamples the stored images. Only in-memory data sets (all images one size)
+  can live on the device.
 """
 
 from __future__ import annotations
@@ -91,15 +92,6 @@ def for_dataset(name: str, *, data_dir=None, image_size: int | None = None,
       pipeline._make_transform(info, image_size, channels, None, augment))  # pylint: disable=protected-access
   check_supported(config.augment)
   return config
-
-
-def prepare_split(images: np.ndarray, config: DeviceTransform) -> np.ndarray:
-  """The uint8 images to upload: the split resized once to the output size for the small-image
-  recipes (as `pipeline._Transform.presize`), the stored images for the random-resized crop."""
-  if config.augment.random_resized_crop or images.shape[1:3] == (config.image_size,) * 2:
-    return images
-  return np.concatenate([aug.resize(images[i:i + 4096], config.image_size)
-                         for i in range(0, len(images), 4096)])
 
 
 # RandAugment ops by how the device computes them. Value ops: a lookup table per image and channel.
@@ -528,8 +520,9 @@ def rand_augment(x, params: dict, fill):
 
 def train_batch(images, indices, params: dict, config: DeviceTransform, labels=None) -> dict:
   """The host path's training batch (`pipeline.train_batches`' dict but 'label' unless `labels`
-  is given) computed on the device: images (N, H, W, C) uint8 (`prepare_split`), indices (B,) of
-  the batch's examples, params: `host_params` of their keys. jit with `config` static."""
+  is given) computed on the device: images (N, H, W, C) uint8 (`pipeline.TrainBatches.arrays`),
+  indices (B,) of the batch's examples, params: `host_params` of their keys. jit with `config`
+  static."""
   a, s = config.augment, config.image_size
   x = gather(images, indices)
   if a.random_resized_crop:
@@ -537,7 +530,7 @@ def train_batch(images, indices, params: dict, config: DeviceTransform, labels=N
   else:
     if x.shape[1:3] != (s, s):
       raise ValueError(f'images of {x.shape[1]}x{x.shape[2]} pixels: upload them resized to '
-                       f'{s}x{s} (prepare_split)')
+                       f'{s}x{s} (pipeline.TrainBatches.arrays)')
     x = pad_crop(x, params['crop_offset'], a.random_crop_pad) if a.random_crop_pad > 0 else x
   if config.luma:
     x = to_grayscale(x)

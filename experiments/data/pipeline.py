@@ -496,9 +496,8 @@ class TrainBatches:
     """Batch `step` in words, for a message: its stream positions and first training examples."""
     if self._built is None:
       self.load()
-    _, _, data, n, perms, _ = self._built
-    positions = self.positions(step)
-    rows = data.rows[_indices_at(positions, n, perms)]
+    indices, positions = self.indices(step)
+    rows = self._built[2].rows[indices]
     shown = ', '.join(str(int(r)) for r in rows[:4])
     return (f'batch {step} (stream positions {positions[0]}-{positions[-1]}: stored training '
             f'examples {shown}{", ..." if len(rows) > 4 else ""})')
@@ -519,10 +518,9 @@ class TrainBatches:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     if self._built is None:
       self.load()
-    info, transform, data, n, perms, images = self._built
-    positions = self.positions(step)
+    info, transform, data, _, _, images = self._built
+    idx, positions = self.indices(step)
     keys = aug.example_keys(self.spec.seed, positions)
-    idx = _indices_at(positions, n, perms)
     if info.large:
       out, labels = _decoded(data.source, data.rows[idx],
                              lambda blobs: transform.train_encoded(blobs, keys))

@@ -73,7 +73,7 @@ def device_problem(config, info, augment: pipeline.AugmentConfig, channels: int)
 
 
 def split_bytes(info, num_train: int, image_size: int, augment: pipeline.AugmentConfig) -> int:
-  """The uint8 bytes of the training split as it is uploaded (`device_augment.prepare_split`)."""
+  """The uint8 bytes of the training split as it is uploaded (`pipeline.TrainBatches.arrays`)."""
   h, w, c = info.image_shape
   side = (h * w) if augment.random_resized_crop else image_size * image_size
   return num_train * side * c
