@@ -9,8 +9,9 @@ dispatch (`steps_per_dispatch`), each gathering and augmenting its batch there. 
 the newest checkpoint in WORKDIR/checkpoints that reads back, with the logging state it carries
 (`LogState`), so a resumed run writes the row an unbroken one does; SIGTERM saves a checkpoint and
 exits 143 (on several processes, every process saves the same update, agreed through JAX's
-preemption service), Ctrl-C saves one and exits 130. Writes WORKDIR/config.json, WORKDIR/metrics.jsonl (one JSON line
-per logging step) and a row of the step table (default runs/steps.csv).
+preemption service), Ctrl-C saves one and exits 130. Writes WORKDIR/config.json,
+WORKDIR/metrics.jsonl (one JSON line per logging step) and a row of the step table (default
+runs/steps.csv).
 """
 
 from __future__ import annotations
