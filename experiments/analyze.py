@@ -4,6 +4,10 @@
                                      [--seed N] [--baseline-seed M] [--batch-size B] [--examples E]
   python -m experiments.analyze bias --out DIR [--steps a,b,...] [--reference swin_t,vit_s]
                                      [--seed N] [--batch-size B]
+  python -m experiments.analyze show --out DIR
+
+`show` computes nothing: it prints, as one Markdown table, what `cka` and `bias` wrote to
+DIR/analysis/ (cka.json, bias.json), one row per step and per transformer reference.
 
 Both read the trained runs DIR/runs/STEP/seedN/ (workdirs of `experiments.train`, as laid out by
 `experiments.ladder run`); by default every step present, in ladder order. Outputs go to
@@ -717,12 +721,99 @@ def _plot_shape_bias(path: str, result: dict) -> None:
   plt.close(fig)
 
 
+# --- the table of both analyses -------------------------------------------------------------------
+
+def _read_analysis(analysis_dir: str, name: str, command: str) -> dict:
+  path = os.path.join(analysis_dir, name)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise UsageError(f'no {path}: run `python -m experiments.analyze {command} --out ...` first')
+  except (OSError, ValueError) as e:
+    raise UsageError(f'cannot read {path}: {e}')
+
+
+def show(out: str) -> str:
+  """Markdown: per step (and transformer reference) test top-1, CKA to the previous step, to its
+  own other seed and to each transformer (means over the four stages; also Swin-T's last stage),
+  shape bias and error consistency (kappa) to the previous step and to each transformer, from
+  OUT/analysis/{cka,bias}.json. The two files must describe the same seed and steps."""
+  analysis_dir = os.path.join(out, 'analysis')
+  cka = _read_analysis(analysis_dir, 'cka.json', 'cka')
+  bias = _read_analysis(analysis_dir, 'bias.json', 'bias')
+  if cka['seed'] != bias['seed'] or cka['steps'] != bias['steps']:
+    raise UsageError(f'{analysis_dir}: cka.json (seed {cka["seed"]}, {len(cka["steps"])} steps) '
+                     f'and bias.json (seed {bias["seed"]}, {len(bias["steps"])} steps) describe '
+                     'different runs; run both again with the same --seed and --steps')
+  steps, refs = cka['steps'], cka.get('references') or []
+  baseline = cka.get('seed_baseline') or {}
+  kappa = bias['error_consistency']
+  index = {m: i for i, m in enumerate(kappa['models'])}
+
+  def num(value, digits=3):
+    return '' if value is None else f'{value:.{digits}f}'
+
+  def k(a, b):
+    return None if a is None or b is None or a not in index or b not in index else \
+        kappa['kappa'][index[a]][index[b]]
+
+  head = ['step', f'top-1 (seed {cka["seed"]})', 'CKA to prev']
+  if baseline:
+    head.append(f'CKA to its seed {baseline["seed"]}')
+  for r in refs:
+    head.append(f'CKA to {r}')
+    if 'stage4' in cka['reference_layers'][r]:
+      head.append(f'{r} stage 4')
+  head += ['shape bias', 'κ to prev'] + [f'κ to {r}' for r in refs]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name in steps + refs:
+    is_ref = name in refs
+    prev = None if is_ref else cka['reference'][name]
+    row = [f'{name} (reference)' if is_ref else name,
+           f'{100 * cka["test_accuracy"][name]:.2f}',
+           num(None if is_ref else cka['cka_prev'][name])]
+    if baseline:
+      row.append(num(baseline['mean'].get(name)))
+    for r in refs:
+      row.append('' if is_ref else num(cka['cka_reference'][r][name]))
+      if 'stage4' in cka['reference_layers'][r]:
+        row.append('' if is_ref else num(cka['to_reference'][r][name]['stage4']))
+    shape = bias['shape_bias'].get(name, {}).get('shape_bias')
+    row += [num(shape), num(k(name, prev), 2)]
+    row += [num(k(name, r) if r != name else None, 2) for r in refs]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  cue = bias['cue_conflict']
+  lines += ['', f'Seed {cka["seed"]} of each run; CKA over {cka["num_examples"]:,} test images, '
+            'the mean over the four stages (prev: the step it is built on'
+            + (f'; its seed {baseline["seed"]}: the same network trained with seed '
+               f'{baseline["seed"]}' if baseline else '')
+            + ('; the transformers matched stage by stage (Swin) or by depth fraction (ViT)'
+               if refs else '')
+            + f'); shape bias on {cue["num"]:,} cue-conflict images (seed {cue["seed"]}); κ: '
+            f'error consistency (Cohen\'s kappa) on the {bias["num_test"]:,} test images.']
+  if len(steps) >= 3:
+    top1 = [cka['test_accuracy'][n] for n in steps]
+
+    def corr(values):
+      return f'{float(np.corrcoef(top1, values)[0, 1]):+.2f}'
+
+    parts = [f'κ to {r} {corr([k(n, r) for n in steps])}' for r in refs]
+    parts += [f'CKA to {r} {corr([cka["cka_reference"][r][n] for n in steps])}' for r in refs]
+    parts.append('shape bias ' + corr([bias['shape_bias'][n]['shape_bias'] for n in steps]))
+    lines += ['', f'Correlation with top-1 across the {len(steps)} steps (Pearson): '
+              + ', '.join(parts) + '.']
+  return '\n'.join(lines) + '\n'
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(prog='python -m experiments.analyze', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
+  shown = sub.add_parser('show', help='print the table of what cka and bias wrote (Markdown)')
+  shown.add_argument('--out', required=True, help='the ladder directory (with analysis/)')
   for command, help_text in (('cka', 'linear CKA between steps and stages'),
                              ('bias', 'shape bias and error consistency')):
     p = sub.add_parser(command, help=help_text)
@@ -747,6 +838,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not os.path.isdir(args.out):
     raise UsageError(f'--out {args.out!r} is not a directory')
+  if args.command == 'show':
+    sys.stdout.write(show(args.out))
+    return 0
   from modernize import ladder as ladders
   from modernize import presets
   steps = cli.names(args.steps, sorted({n for ladder in ladders.LADDERS.values()

@@ -333,3 +333,73 @@ def _flat(tree, prefix=()):
   if set(tree) == {'value'}:
     return {prefix: np.asarray(tree['value'])}
   return {k: v for key, sub in tree.items() for k, v in _flat(sub, prefix + (str(key),)).items()}
+
+
+def _analysis_files(out, seed=0, bias_seed=0):
+  """cka.json and bias.json of three steps and one reference, numbers chosen by hand."""
+  steps = ['resnet50', 'enhanced_recipe', 'stage_ratio']
+  layers = {n: {f'stage{i}': 0.1 * i for i in range(1, 5)} for n in steps}
+  layers['stage_ratio']['stage4'] = 0.77
+  cka = {'seed': seed, 'steps': steps, 'num_examples': 10, 'references': ['swin_t'],
+         'reference_layers': {'swin_t': ['stage1', 'stage2', 'stage3', 'stage4', 'logits']},
+         'reference': {'resnet50': None, 'enhanced_recipe': 'resnet50',
+                       'stage_ratio': 'enhanced_recipe'},
+         'test_accuracy': {'resnet50': 0.5, 'enhanced_recipe': 0.6, 'stage_ratio': 0.8,
+                           'swin_t': 0.4},
+         'cka_prev': {'resnet50': None, 'enhanced_recipe': 0.25, 'stage_ratio': 0.5},
+         'cka_reference': {'swin_t': {'resnet50': 0.1, 'enhanced_recipe': 0.2,
+                                      'stage_ratio': 0.3}},
+         'to_reference': {'swin_t': layers},
+         'seed_baseline': {'seed': 1, 'mean': {'resnet50': 0.9, 'enhanced_recipe': 0.8,
+                                               'stage_ratio': 0.7, 'swin_t': 0.95}}}
+  models = steps + ['swin_t']
+  kappa = [[1.0, 0.11, 0.12, 0.13], [0.11, 1.0, 0.23, 0.24], [0.12, 0.23, 1.0, 0.34],
+           [0.13, 0.24, 0.34, 1.0]]
+  bias = {'seed': bias_seed, 'steps': steps, 'references': ['swin_t'], 'num_test': 10,
+          'cue_conflict': {'num': 20, 'seed': 0},
+          'shape_bias': {n: {'shape_bias': b} for n, b in zip(models, (0.5, 0.6, 0.9, 0.7))},
+          'error_consistency': {'models': models, 'kappa': kappa}}
+  (out / 'analysis').mkdir(parents=True, exist_ok=True)
+  (out / 'analysis' / 'cka.json').write_text(json.dumps(cka))
+  (out / 'analysis' / 'bias.json').write_text(json.dumps(bias))
+
+
+def test_show_tabulates_both_analyses(tmp_path, capsys):
+  _analysis_files(tmp_path)
+  assert analyze.main(['show', '--out', str(tmp_path)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == ('| step | top-1 (seed 0) | CKA to prev | CKA to its seed 1 | CKA to swin_t | '
+                      'swin_t stage 4 | shape bias | κ to prev | κ to swin_t |')
+  cells = [[c.strip() for c in line.split('|')[1:-1]] for line in lines[2:6]]
+  rows = {c[0]: c for c in cells}
+  # kappa to the previous step is the (step, previous step) entry; to swin_t the last column
+  assert rows['stage_ratio'] == ['stage_ratio', '80.00', '0.500', '0.700', '0.300', '0.770',
+                                 '0.900', '0.23', '0.34']
+  assert rows['resnet50'][2] == '' and rows['resnet50'][7] == ''
+  assert rows['swin_t (reference)'] == ['swin_t (reference)', '40.00', '', '0.950', '', '',
+                                        '0.700', '', '']
+  # Pearson correlations with top-1 (0.5, 0.6, 0.8) across the three steps, computed here apart
+  top1 = np.array([0.5, 0.6, 0.8])
+
+  def pearson(v):
+    a, b = top1 - top1.mean(), np.asarray(v) - np.mean(v)
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+  expected = (f'κ to swin_t {pearson([0.13, 0.24, 0.34]):+.2f}, CKA to swin_t '
+              f'{pearson([0.1, 0.2, 0.3]):+.2f}, shape bias {pearson([0.5, 0.6, 0.9]):+.2f}.')
+  assert lines[-1].endswith(expected), lines[-1]
+
+
+def test_show_refuses_missing_or_mismatched_analyses(tmp_path, capsys):
+  for argv, message in (
+      (['show', '--out', str(tmp_path)], 'cka.json: run `python -m experiments.analyze cka'),
+      (['show', '--out', str(tmp_path / 'nowhere')], 'is not a directory')):
+    with pytest.raises(SystemExit) as exit_info:
+      analyze.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+  _analysis_files(tmp_path, seed=0, bias_seed=2)
+  with pytest.raises(SystemExit) as exit_info:
+    analyze.main(['show', '--out', str(tmp_path)])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and 'describe different runs' in err, err

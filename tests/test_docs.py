@@ -130,8 +130,11 @@ def test_the_docs_mark_their_generated_tables():
                  'python -m experiments.ladder steps --presets'):
     assert needed in commands, needed
   assert any(c.startswith('python -m experiments.ladder show --out results/') for c in commands)
-  # The commands quote; they write nothing into the repository.
-  assert all(c.endswith(' --print') for c in commands if ' show ' in c or ' compare ' in c)
+  assert 'python -m experiments.analyze show --out results/ladder_4ep' in commands
+  # The commands quote; they write nothing into the repository (`ladder show` and `compare`
+  # write their files unless told --print; `analyze show` only prints).
+  ladder = [c for c in commands if c.startswith('python -m experiments.ladder ')]
+  assert all(c.endswith(' --print') for c in ladder if ' show ' in c or ' compare ' in c)
 
 
 @pytest.mark.parametrize('path, command, body', generated_blocks(),
