@@ -44,6 +44,10 @@ CASES = {
         ['--no-such-flag'],
         ['--batch-size', '0'],
         ['--data', 'cifar11']),
+    'experiments.bench.seeds': (
+        ['--no-such-flag'],
+        ['--updates', 'many'],
+        ['--step', 'convnext_q']),
     'experiments.bench.depthwise': (
         ['--no-such-flag'],
         ['--repeats', '0'],

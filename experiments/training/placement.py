@@ -162,21 +162,25 @@ class DeviceFeed:
       state, losses, lr = jax.lax.fori_loop(0, n, body, carry)
       return state, {'loss': losses, 'lr': lr}
 
+    self.function = program   # unjitted: experiments/bench/seeds.py maps it over seeds
     self.program = jax.jit(
         program, in_shardings=(replicated, replicated, replicated, self.stacked, self.stacked,
                                replicated),
         out_shardings=(replicated, replicated), donate_argnums=(0,))
 
-  def host_inputs(self, first: int, n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  def host_inputs(self, first: int, n: int, builder: pipeline.TrainBatches | None = None
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(example indices (CAPACITY, B) int32, augmentation parameters (CAPACITY, B, ...)) of updates
     first, ..., first + n - 1, zero past the n-th: the pipeline's indices and augment.py's draws
-    for the same stream positions."""
+    for the same stream positions (of `builder`'s stream, another seed's over the same split;
+    default this feed's)."""
     if not 1 <= n <= CAPACITY:
       raise ValueError(f'{n} updates in one dispatch: must be between 1 and {CAPACITY}')
-    rows, positions = zip(*(self.builder.indices(u) for u in range(first, first + n)))
+    builder = self.builder if builder is None else builder
+    rows, positions = zip(*(builder.indices(u) for u in range(first, first + n)))
     positions = np.stack(positions)
     batch = positions.shape[1]
-    keys = aug.example_keys(self.builder.spec.seed, positions.reshape(-1))
+    keys = aug.example_keys(builder.spec.seed, positions.reshape(-1))
     params = device_augment.host_params(keys, self.transform, self.height, self.width)
 
     def padded(x):
