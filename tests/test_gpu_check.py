@@ -99,7 +99,7 @@ def test_bad_stages_exit_2_with_one_line(tmp_path):
   r = _run('--out', str(tmp_path), '--stages', 'x', timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      "error: --stages: unknown stage 'x'; choose from a,b,c,d,e"]
+      "error: --stages: unknown stage 'x'; choose from a,b,c,d,e,f"]
   assert not (tmp_path / 'gpu_check.json').exists()
   r = _run('--out', str(tmp_path), '--b-variants', 'default,fast', timeout=120)
   assert r.returncode == 2
@@ -189,3 +189,39 @@ def test_stage_e_past_its_budget_or_failing_records_it(tmp_path):
   e = json.loads((tmp_path / 'failed' / 'gpu_check.json').read_text())['stages']['e']
   assert e['status'] == 'failed' and 'no_such_flag' in e['error'] and '\n' not in e['error'], e
   assert [l for l in r.stdout.splitlines() if l.startswith('FAILED stage e')]
+
+
+def test_stage_f_dry_run_times_both_kinds_and_records_a_forced_failure(tmp_path):
+  """Stage f: experiments.bench.seeds at the dry run's sizes (convnext_t smoke, 1 and 2 seeds),
+  vmap and processes, with the equivalence check; a case forced to fail is recorded as failed."""
+  from experiments.bench import gpu_check
+  assert 'f' not in gpu_check.DEFAULT_STAGES.split(',')
+  out = tmp_path / 'out'
+  r = _run('--out', str(out), '--dry-run', '--stages', 'f',
+           env={'MODERNIZE_GPU_CHECK_FAIL': 'f:convnext_t processes x2'})
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  data = json.loads((out / 'gpu_check.json').read_text())
+  assert set(data['stages']) == {'env', 'f'} and data['failed']['f'] == 1
+  f = data['stages']['f']
+  assert f['status'] == 'done' and not f['skipped'], f
+  cases = _stage_cases(data, 'f')
+  assert set(cases) == {f'convnext_t {kind} x{n}' for kind in ('vmap', 'processes')
+                        for n in (1, 2)}
+  assert cases['convnext_t processes x2']['status'] == 'failed'
+  for name, c in cases.items():
+    if name != 'convnext_t processes x2':
+      assert c['status'] == 'ok' and c['img_per_s'] > 0 and c['compile_s'] > 0, c
+  check = cases['convnext_t vmap x2']['check']
+  assert check['updates'] == 2 and check['other_seed_min_diff'] > 1000 * check['max_abs_diff']
+  md = (out / 'gpu_check.md').read_text()
+  assert '## f: several runs per chip' in md and '| convnext_t | vmap | 2 | ok |' in md
+  assert 'failed convnext_t processes x2' in md
+
+
+def test_stage_f_past_its_budget_records_what_it_skipped(tmp_path):
+  r = _run('--out', str(tmp_path), '--dry-run', '--stages', 'f', '--budget-f', '0.0001')
+  assert r.returncode == 0, r.stderr[-3000:]
+  f = json.loads((tmp_path / 'gpu_check.json').read_text())['stages']['f']
+  assert f['status'] == 'stopped (budget)' and f['wall_s'] < 60, f
+  assert set(f['skipped']) == {f'convnext_t {kind} x{n}' for kind in ('vmap', 'processes')
+                               for n in (1, 2)}

@@ -1,10 +1,10 @@
 """The GPU acceptance run: one command, at most 8 minutes on one GPU with 16 cores and no internet.
 
-  python -m experiments.bench.gpu_check --out DIR [--stages a,b,c,d,e] [--b-steps S]
+  python -m experiments.bench.gpu_check --out DIR [--stages a,b,c,d,e,f] [--b-steps S]
                                             [--b-variants V] [--e-seeds N] [--e-epochs X]
                                             [--e-jobs N] [--dry-run]
 
-Stages (each with a time budget, --budget-a ... --budget-e; the default stages a-d 120 + 230 + 40 +
+Stages (each with a time budget, --budget-a ... --budget-f; the default stages a-d 120 + 230 + 40 +
 150 = 540 s, leaving ~60 s for start-up, the environment probe and overruns: a stage stops between
 cases):
   a  every adopted ladder step trained through the real trainer (`python -m experiments.train`,
@@ -46,6 +46,14 @@ cases):
      committed CPU ladder's (results/ladder_4ep/ladder.json); copies the step table, run times
      and ladder view to DIR/ladder_gpu/. Past its budget the runs are stopped (SIGTERM: they save)
      and those not finished are recorded as skipped.
+  f  several runs per chip: vmap over seeds against processes sharing the device (not in the
+     default stages: `--stages f`, budget --budget-f, default 360 s): `experiments.bench.seeds`
+     for convnext_t and resnet50 under the miniature (32x32, batch 128), the data on the device,
+     8 updates per dispatch, 1, 2, 4 and 8 seeds trained as one vmapped program and as processes
+     sharing the GPU (`ladder run --share-device`'s environment), 40 updates timed per case, with
+     the equivalence check (each vmapped seed against that seed trained alone). Records each
+     case's aggregate img/s, its ratio to one seed alone, compile time and the check's largest
+     difference. Cases past the budget (convnext_t's come first) are recorded as skipped.
 
 Writes DIR/gpu_check.json (rewritten atomically after every case, so a timeout keeps what
 finished) and DIR/gpu_check.md (a table per stage); prints one line per case. A failing case is
@@ -53,7 +61,8 @@ recorded as failed with its error in one line, and the run goes on; a stage past
 cleanly, recording the cases it skipped. Exit code 0 when the run reached its end (whatever failed:
 read the JSON's 'failed' counts), 2 for bad arguments. `--dry-run`: the same code paths at tiny
 sizes on the CPU (2 ladder steps, 32px / batch 2 benchmarks; stage e: 2 steps x 1 seed of the
-smoke option, 2 jobs), ~2-3 minutes here.
+smoke option, 2 jobs; stage f: convnext_t of the smoke option, 1 and 2 seeds, 2 updates), ~2-3
+minutes here.
 
 On the lent GPU machine (Python 3.12, jax 0.11 with CUDA, torch, timm; no ml_collections, no
 network), from the repository root with carry = ['.whl', '.data'] (wheels of ml_collections and of
@@ -84,13 +93,16 @@ from experiments import outputs
 from experiments.cli import ArgumentParser, UsageError, guarded, names, positive
 
 ROOT = outputs.REPOSITORY
-STAGES = ('a', 'b', 'c', 'd', 'e')
-DEFAULT_STAGES = 'a,b,c,d'   # e, the whole GPU ladder, takes a command of its own
+STAGES = ('a', 'b', 'c', 'd', 'e', 'f')
+DEFAULT_STAGES = 'a,b,c,d'   # e, the whole GPU ladder, and f take a command of their own
 STAGE_NAMES = {'env': 'environment', 'a': 'ladder on Fashion-MNIST', 'b': 'train step vs timm',
-               'c': 'depthwise conv', 'd': 'input pipeline', 'e': 'the GPU ladder'}
+               'c': 'depthwise conv', 'd': 'input pipeline', 'e': 'the GPU ladder',
+               'f': 'several runs per chip: vmap over seeds against processes sharing the device'}
 # Each stage's budget, set from what the stages took on the first GPU run (docs/gpu.md); e's from
-# an estimate (not yet run on a GPU): 14 cold compiles, then 42 runs that reuse them.
-BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 150.0, 'e': 480.0}
+# an estimate (not yet run on a GPU): 14 cold compiles, then 42 runs that reuse them. f's too: per
+# step one cold compile of the one-seed program and 4 of vmapped ones (stage a's cold compiles took
+# 35-86 s with 14 at once; alone, less), so a step takes 2-3 minutes.
+BUDGETS = {'a': 120.0, 'b': 230.0, 'c': 40.0, 'd': 150.0, 'e': 480.0, 'f': 360.0}
 # Stage e: the ladder `make ladder-gpu` trains (Makefile: LADDER_OPTIONS, LADDER_SEEDS,
 # LADDER_GPU_JOBS and the ladder-gpu target's --set flags; tests/test_gpu_check.py compares them),
 # and the committed CPU ladder its numbers are set beside.
@@ -159,7 +171,9 @@ def _sizes(dry_run: bool) -> dict:
                   'fed_dtype': 'bfloat16', 'fed_depths': (1, 1, 1, 1), 'fed_workers': 2,
                   'fed_steps': 2},
             'e': {'steps': 'ends', 'options': 'data=fashion_mnist,smoke,miniature', 'seeds': 1,
-                  'epochs': None, 'jobs': 2, 'placement': 'device', 'steps_per_dispatch': 8}}
+                  'epochs': None, 'jobs': 2, 'placement': 'device', 'steps_per_dispatch': 8},
+            'f': {'steps': ['convnext_t'], 'options': 'data=fashion_mnist,smoke', 'seeds': [1, 2],
+                  'updates': 2, 'dispatch': 2}}
   procs = max(2, min(14, cpus - 2))   # 14 adopted steps: all at once on 16 cores
   return {'a': {'steps': 'adopted', 'options': 'miniature', 'updates': 300, 'batch': 128,
                 'procs': procs, 'threads': max(1, cpus // procs), 'image_size': 32},
@@ -175,7 +189,9 @@ def _sizes(dry_run: bool) -> dict:
                                                 reverse=True)},
                 'fed_step': 'resnet50', 'fed_dtype': 'bfloat16', 'fed_depths': None,
                 'fed_workers': max(1, cpus - 1), 'fed_steps': 30},
-          'e': {'steps': 'adopted', 'epochs': None, **GPU_LADDER}}
+          'e': {'steps': 'adopted', 'epochs': None, **GPU_LADDER},
+          'f': {'steps': ['convnext_t', 'resnet50'], 'options': GPU_LADDER['options'],
+                'seeds': [1, 2, 4, 8], 'updates': 40, 'dispatch': GPU_LADDER['steps_per_dispatch']}}
 
 
 # --- the result file ------------------------------------------------------------------------------
@@ -261,6 +277,9 @@ def markdown(data: dict) -> str:
                 f"{_f(c.get('fed_over_synthetic'), '.2f')} |" for c in cases]
     elif key == 'e':
       lines += _markdown_e(st)
+    elif key == 'f':
+      from experiments.bench import seeds as bench_seeds
+      lines += bench_seeds.table(cases, failures=False)
     failed = [c for c in cases if c.get('status') == 'failed']
     if failed:
       lines += [''] + [f"- failed {c['case']}: {c.get('error')}" for c in failed]
@@ -464,6 +483,26 @@ def _fed_training(conf: dict) -> dict:
           'finite': bool(np.isfinite(float(metrics['loss'])))}
 
 
+def worker_f(conf: dict, budget: float) -> None:
+  """Stage f: `experiments.bench.seeds` (both kinds, with the equivalence check), one JSON line
+  per case; the cases past the budget are recorded as skipped."""
+  from experiments.bench import seeds as bench_seeds
+  # The processes share the device as `ladder run --share-device`'s do: each preallocates its
+  # share of the memory (shared_device_env), not the JAX_ENV's none.
+  os.environ.pop('XLA_PYTHON_CLIENT_PREALLOCATE', None)
+  settings = {'ladder': 'resnet50', 'options': conf['options'], 'seeds': conf['seeds'],
+              'kinds': list(bench_seeds.KINDS), 'updates': conf['updates'],
+              'dispatch': conf['dispatch'], 'check': True,
+              'check_updates': bench_seeds.CHECK_UPDATES}
+
+  def on_case(case):
+    if _forced('f', case['case']) and case['status'] == 'ok':
+      case = {**case, 'status': 'failed', 'error': 'forced failure (test)'}
+    print(json.dumps(case), flush=True)
+
+  bench_seeds.bench(conf['steps'], settings, on_case, deadline=time.time() + budget)
+
+
 def worker_env() -> None:
   import jax
   versions = {}
@@ -572,7 +611,7 @@ def _report_case(stage: str, case: dict) -> None:
     _log(f"{stage} {case['case']}: skipped ({case.get('error', 'stage budget spent')})")
     return
   keys = {'a': ('top1', 'train_img_s', 'compile_s'), 'e': ('top1', 'train_img_s', 'compile_s'),
-          'c': ('fwd_ms', 'fwd_bwd_ms'),
+          'c': ('fwd_ms', 'fwd_bwd_ms'), 'f': ('img_per_s', 'over_one_seed', 'compile_s'),
           'd': ('img_s', 'parent_ms', 'fed_over_synthetic')}.get(stage, ())
   shown = ', '.join(f'{k} {case[k]:.2f}' for k in keys if case.get(k) is not None)
   _log(f"{stage} {case['case']}: ok {shown}")
@@ -881,7 +920,7 @@ def parse_args(argv):
                  help="stage e's epochs per run (default: the miniature's, 4)")
   p.add_argument('--e-jobs', type=positive(int),
                  help=f"stage e's trainer processes sharing the GPU (default {GPU_LADDER['jobs']})")
-  p.add_argument('--worker', choices=['env', 'c', 'd'], help=argparse.SUPPRESS)
+  p.add_argument('--worker', choices=['env', 'c', 'd', 'f'], help=argparse.SUPPRESS)
   p.add_argument('--conf', help=argparse.SUPPRESS)
   p.add_argument('--budget', type=float, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -893,7 +932,8 @@ def main(argv=None) -> int:
   if args.worker:
     conf = json.loads(args.conf) if args.conf else {}
     {'env': lambda: worker_env(), 'c': lambda: worker_c(conf, args.budget),
-     'd': lambda: worker_d(conf, args.budget)}[args.worker]()
+     'd': lambda: worker_d(conf, args.budget), 'f': lambda: worker_f(conf, args.budget)}[
+         args.worker]()
     return 0
   stages = names(args.stages, STAGES, 'stage', '--stages')
   if not stages:
