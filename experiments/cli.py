@@ -1,5 +1,5 @@
-"""The one command-line contract of the suite's eight commands (train, ladder, analyze, data,
-bench, bench.gpu_check, bench.data, bench.depthwise):
+"""The one command-line contract of the suite's nine commands (train, ladder, analyze, data,
+bench, bench.gpu_check, bench.data, bench.depthwise, bench.seeds):
 
 - `--help` prints the usage and exits 0;
 - a bad argument, a bad value, an unknown name and every expected failure end in one line on

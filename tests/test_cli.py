@@ -1,4 +1,4 @@
-"""One command-line contract for the suite's eight commands (experiments/cli.py): --help exits 0;
+"""One command-line contract for the suite's nine commands (experiments/cli.py): --help exits 0;
 a bad flag, a bad value and an unknown name each end in exactly one line on stderr and exit 2,
 before any work. Real processes, as a user runs them."""
 
