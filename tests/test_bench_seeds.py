@@ -101,3 +101,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr
   assert not r.stdout.strip() and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('kind', ['processes', 'vmap'])
+def test_data_that_cannot_go_on_the_device_is_refused_in_one_line(kind, tmp_path):
+  from experiments.bench.data import jpeg_folder
+  data = jpeg_folder(str(tmp_path / 'jpegs'), train=4, test=2)
+  r = _run('--options', f'data={data},smoke', '--kinds', kind, '--seeds', '1', '--out',
+           str(tmp_path / 'out'), timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith('error: data.placement=device: ') and 'on the device' in lines[0]
+  assert not r.stdout.strip() and not (tmp_path / 'out').exists()
