@@ -64,6 +64,8 @@ def test_dry_run_writes_both_kinds(fashion, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads((tmp_path / 'seeds.json').read_text())
   assert {'versions', 'cpu_count', 'python'} <= set(data['environment'])
+  # the command as a user types it, no machine's paths (results/ keeps these files)
+  assert data['command'] == f'python -m experiments.bench.seeds --dry-run --out {tmp_path}'
   assert data['settings']['seeds'] == [1, 2] and data['settings']['check'] is True
   cases = {(c['kind'], c['seeds']): c for c in data['cases']}
   assert set(cases) == {(k, s) for k in ('vmap', 'processes') for s in (1, 2)}

@@ -642,7 +642,9 @@ def main(argv=None) -> int:
     problem = outputs.write_problem(args.out, directory=True)
     if problem:
       raise UsageError(f'--out {args.out} {problem}')
-  data = {'command': ' '.join(sys.argv), 'dry_run': args.dry_run, 'settings': settings,
+  given = sys.argv[1:] if argv is None else list(argv)
+  data = {'command': ' '.join(['python -m experiments.bench.seeds', *given]),
+          'dry_run': args.dry_run, 'settings': settings,
           'environment': environment(), 'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
           'cases': []}
 
