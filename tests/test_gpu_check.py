@@ -74,6 +74,9 @@ def test_stages_past_their_budget_record_what_they_skipped(tmp_path):
            env={'MODERNIZE_GPU_CHECK_FAIL': ''})
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads((tmp_path / 'gpu_check.json').read_text())
+  assert data['command'] == (f'python -m experiments.bench.gpu_check --out {tmp_path} --dry-run '
+                             '--stages b,d --budget-b 0.0001 --budget-d 0.0001 --b-variants '
+                             'default,shift')   # as typed, no machine's path
   for stage, n in (('b', 4), ('d', 9)):   # d: 2 sources x (2 threads + 2 processes), the fed run
     st = data['stages'][stage]
     assert st['status'] == 'stopped (budget)', st

@@ -199,9 +199,9 @@ def _sizes(dry_run: bool) -> dict:
 class Report:
   """gpu_check.json and gpu_check.md, both rewritten whole after every change."""
 
-  def __init__(self, out: str, args, conf: dict):
+  def __init__(self, out: str, args, conf: dict, command: str):
     self.out = out
-    self.data = {'command': ' '.join(sys.argv), 'dry_run': args.dry_run,
+    self.data = {'command': command, 'dry_run': args.dry_run,
                  'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'settings': conf,
                  'budgets_s': {s: getattr(args, f'budget_{s}') for s in STAGES}, 'stages': {}}
     path = os.path.join(out, 'gpu_check.json')
@@ -957,7 +957,8 @@ def main(argv=None) -> int:
     JAX_ENV['JAX_PLATFORMS'] = 'cpu'
     JAX_ENV['CUDA_VISIBLE_DEVICES'] = ''
   conf = settings(args.dry_run, b_steps, variants, args.e_seeds, args.e_epochs, args.e_jobs)
-  report = Report(args.out, args, conf)
+  given = sys.argv[1:] if argv is None else list(argv)   # as typed, without this machine's path
+  report = Report(args.out, args, conf, ' '.join(['python -m experiments.bench.gpu_check', *given]))
   t_start = time.time()
 
   def run_stage(name, fn):
